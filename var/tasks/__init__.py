@@ -7,6 +7,7 @@ Each task module exposes ``run(cfg) -> dict | None``. ``run_task`` validates the
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from omegaconf import DictConfig
@@ -14,13 +15,15 @@ from omegaconf import DictConfig
 from var.config import validate
 from var.errors import UserError
 
-TASKS = ("demo", "prepare", "show")
+TASKS = ("demo", "prepare", "show", "train_tokenizer", "encode", "train", "sample", "edit", "evaluate")
 
 
 def dispatch(cfg: DictConfig):
     name = cfg.task.name
     if name not in TASKS:
         raise UserError(f"task={name}: unknown task; choose one of {', '.join(TASKS)}")
+    if importlib.util.find_spec(f"var.tasks.{name}") is None:
+        raise UserError(f"task={name}: not available in this version")
     module = importlib.import_module(f"var.tasks.{name}")
     return module.run(cfg)
 

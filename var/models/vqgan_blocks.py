@@ -1,0 +1,170 @@
+"""VQGAN-style convolutional encoder and decoder of the multi-scale VQVAE.
+
+The layout follows the latent-diffusion ``vq-f16`` autoencoder that VAR's tokenizer uses. Attribute names
+(``down.{i}.block.{j}``, ``mid.attn_1``, ``up.{i}.upsample`` ...) are chosen so that the state-dict keys are
+exactly those of the released ``vae_ch160v4096z32.pth``; renaming anything breaks loading it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class Upsample2x(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Downsample2x(nn.Module):
+    """Stride-2 3x3 conv; the asymmetric (right/bottom) zero pad keeps H/2 exactly, as in the released model."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with a 1x1 shortcut only when the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        # Identity has no parameters, so the key set matches the released file in both cases.
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions; one fused 1x1 qkv conv (released layout)."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # each B,HW,C
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+def _mid_block(channels: int, dropout: float, using_mid_sa: bool, groups: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout, groups)
+    mid.attn_1 = AttnBlock(channels, groups) if using_mid_sa else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout, groups)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image (B,3,H,W) -> features (B,z_channels,H/2^(L-1),W/2^(L-1)) with L = len(ch_mult)."""
+
+    def __init__(
+        self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
+        in_channels: int = 3, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True,
+        groups: int = 32,
+    ):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level, mult in enumerate(ch_mult):
+            last = i_level == self.num_resolutions - 1
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            level.attn = nn.ModuleList()  # stays empty (no keys) except at the lowest resolution
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, ch * mult, dropout, groups))
+                block_in = ch * mult
+                if last and using_sa:
+                    level.attn.append(AttnBlock(block_in, groups))
+            if not last:
+                level.downsample = Downsample2x(block_in)
+            self.down.append(level)
+        self.mid = _mid_block(block_in, dropout, using_mid_sa, groups)
+        self.norm_out = group_norm(block_in, groups)
+        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B,z_channels,h,w) -> image (B,3,h*2^(L-1),w*2^(L-1)); one more res block per level than the encoder."""
+
+    def __init__(
+        self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
+        out_channels: int = 3, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True,
+        groups: int = 32,
+    ):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = _mid_block(block_in, dropout, using_mid_sa, groups)
+        # Built from the lowest resolution up, but stored so that up[i] is the level at resolution i
+        # (the released key order: up.0 is the full-resolution level).
+        levels = []
+        for i_level in reversed(range(self.num_resolutions)):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            level.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * ch_mult[i_level], dropout, groups))
+                block_in = ch * ch_mult[i_level]
+                if i_level == self.num_resolutions - 1 and using_sa:
+                    level.attn.append(AttnBlock(block_in, groups))
+            if i_level != 0:
+                level.upsample = Upsample2x(block_in)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(block_in, groups)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
