@@ -53,3 +53,53 @@ def small_dataset(tmp_path_factory):
     data = OmegaConf.create(dict(name="synthetic", root=str(root), seed=0, resolution=32, num_classes=10,
                                  samples_per_shard=100, splits=dict(train=400, val=60, test=60)))
     return prepare_synthetic(data), root
+
+
+def write_token_cache(root: Path, image_root: Path, tokenizer, patch_nums, num_classes: int = 10,
+                      splits=("train", "val", "test")) -> dict:
+    """Encode an image-shard dataset with ``tokenizer`` into token shards (both variants), for tests
+    of the transformer that should not depend on the encode task."""
+    import numpy as np
+
+    from var.data.datamodule import decode_sample
+    from var.data.prepare import _finish
+    from var.data.shards import ShardWriter, iter_tar_samples, read_manifest, split_urls
+    from var.data.tokens import token_sample
+    from var.tokenizer_file import save_tokenizer, tokenizer_id
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok_path = root / "tokenizer.pt"
+    save_tokenizer(tok_path, tokenizer)
+    src = read_manifest(image_root)
+    writers = {}
+    for split in splits:
+        with ShardWriter(root, split, 10_000) as w:
+            for url in split_urls(image_root, split, src):
+                samples = list(iter_tar_samples(url))
+                for s in samples:
+                    s["__url__"] = url
+                x = torch.stack([decode_sample(s, src["resolution"])[0] for s in samples])
+                for variant, imgs in ((0, x), (1, torch.flip(x, dims=[3]))):
+                    with torch.no_grad():
+                        idx = torch.cat(tokenizer.img_to_idxBl(imgs), dim=1).numpy()
+                    for s, t in zip(samples, idx):
+                        w.write(token_sample(s["__key__"], variant, t.astype(np.uint16), int(s["cls"])))
+        writers[split] = w
+    manifest = {"kind": "token_shards", "patch_nums": list(patch_nums), "vocab_size": tokenizer.vocab_size,
+                "num_classes": num_classes, "variants": [0, 1],
+                "source": {"root": str(image_root), "fingerprint": src["fingerprint"]},
+                "tokenizer": tokenizer_id(tok_path)}
+    return _finish(root, manifest, writers)
+
+
+@pytest.fixture(scope="session")
+def small_token_cache(small_dataset, tmp_path_factory):
+    """Tokens of the small dataset under a random vq_test32 tokenizer (4 scales, 64 codes)."""
+    from var.models.vqvae import PRESETS, VQVAE
+
+    _, image_root = small_dataset
+    torch.manual_seed(0)
+    tokenizer = VQVAE(PRESETS["vq_test32"]).eval()
+    root = tmp_path_factory.mktemp("tokens32")
+    manifest = write_token_cache(root, image_root, tokenizer, PRESETS["vq_test32"].patch_nums)
+    return manifest, root

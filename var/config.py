@@ -39,6 +39,8 @@ def run_dirname(override_dirname: str, max_len: int = 120) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_dirname"):
         OmegaConf.register_new_resolver("run_dirname", run_dirname)
+    if not OmegaConf.has_resolver("if_null"):
+        OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value)
     if not OmegaConf.has_resolver("eval_int"):
         # Small integer arithmetic in YAML (e.g. per-depth batch sizes); only digits and + - * // ( ).
         OmegaConf.register_new_resolver("eval_int", _eval_int)

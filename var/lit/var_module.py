@@ -1,0 +1,144 @@
+"""LightningModule training the VAR transformer by teacher forcing on cached tokens.
+
+The frozen tokenizer's quantizer turns ground-truth tokens into the transformer's input (the
+downsampled cumulative f_hat of the previous scales); the transformer predicts every token of every
+scale in one pass under the block-causal mask. Loss: token-weighted cross-entropy with label smoothing.
+Evaluation of the *test* split at points spaced in log-compute is done by ScalingRecordCallback through
+``evaluate_split``; Lightning's validation loop reports the val split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from var.eval.test_loss import evaluate_token_loss, split_scales
+from var.lit.schedules import lr_factor, progressive_scale
+from var.lit.token_metrics import TokenMetricSums
+from var.models.transformer import param_groups
+from var.models.zoo import VARConfig, build_var
+
+
+class VARTrainingModule(L.LightningModule):
+    def __init__(self, model: dict, quantizer: nn.Module, optim: dict, schedule: dict, loss: dict,
+                 progressive: dict | None = None, parallelism: dict | None = None, global_batch: int = 1):
+        super().__init__()
+        self.save_hyperparameters(ignore=["quantizer"])
+        self.model_cfg = VARConfig(**{**model, "patch_nums": tuple(model["patch_nums"])})
+        self.var = build_var(self.model_cfg)
+        self.quantizer = quantizer.eval().requires_grad_(False)
+        self.patch_nums = list(self.model_cfg.patch_nums)
+        self.optim_cfg, self.schedule_cfg, self.loss_cfg = dict(optim), dict(schedule), dict(loss)
+        self.progressive_cfg = dict(progressive or {})
+        self.parallelism = dict(parallelism or {"kind": "none"})
+        self.global_batch = global_batch
+
+    # ----------------------------------------------------------------------------------- distributed
+    def configure_model(self) -> None:
+        """FSDP2: shard each block, then the root (ModelParallelStrategy calls this on every rank)."""
+        if self.parallelism.get("kind") != "fsdp" or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        mp = None
+        if self.device.type == "cuda" or str(self.trainer.strategy.root_device).startswith("cuda"):
+            mp = MixedPrecisionPolicy(param_dtype=dtypes[self.parallelism.get("param_dtype", "bf16")],
+                                      reduce_dtype=dtypes[self.parallelism.get("reduce_dtype", "fp32")])
+        kwargs = {"mesh": mesh, "reshard_after_forward": bool(self.parallelism.get("reshard_after_forward", True))}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        if self.parallelism.get("activation_checkpointing", False):
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, block in enumerate(self.var.blocks):
+                self.var.blocks[i] = checkpoint_wrapper(block)
+        for block in self.var.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(self.var, **kwargs)
+        self._sharded = True
+
+    # --------------------------------------------------------------------------------------- forward
+    def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.quantizer.idxBl_to_var_input(split_scales(tokens_BL, self.patch_nums))
+
+    def prog_si(self) -> int | None:
+        cfg = self.progressive_cfg
+        if not cfg or cfg.get("fraction", 0) <= 0:
+            return None
+        return progressive_scale(self.global_step, self.trainer.max_steps, len(self.patch_nums),
+                                 cfg["fraction"], cfg.get("start_scale", 4), self._warmup_steps())
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        x = self.teacher_forcing_input(tokens)
+        prog_si = self.prog_si()
+        logits = self.var(labels, x, prog_si=-1 if prog_si is None else prog_si)
+        target = tokens[:, : logits.shape[1]]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none",
+                             label_smoothing=self.loss_cfg.get("label_smoothing", 0.0))
+        loss = ce.mean()  # every token the same weight, as the official trainer
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        if prog_si is not None:
+            self.log("train/prog_si", float(prog_si))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = TokenMetricSums(self.patch_nums, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        tokens, labels = batch
+        logits = self.var(labels, self.teacher_forcing_input(tokens))
+        self._val_sums.update(logits, tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self._val_sums.all_reduce()
+        m = self._val_sums.compute()
+        for key in ("L_mean", "L_last", "err_mean", "err_last"):
+            self.log(f"val/{key}", m[key], rank_zero_only=True)
+        for i, (loss, pn) in enumerate(zip(m["per_scale_loss"], self.patch_nums)):
+            if not math.isnan(loss):
+                self.log(f"val_scale/L_{i}_{pn}x{pn}", loss, rank_zero_only=True)
+
+    def evaluate_split(self, split: str = "test", progress: bool = False) -> dict:
+        """Exact metrics over a whole token split (all ranks take part)."""
+        ds = self.trainer.datamodule.dataset(split)
+        precision = self.trainer.strategy.precision_plugin
+        ctx = precision.forward_context if precision is not None else contextlib.nullcontext
+        return evaluate_token_loss(self.var, self.quantizer, ds.tokens, ds.labels, self.patch_nums,
+                                   self.trainer.datamodule.eval_batch_size, self.device,
+                                   self.global_rank, self.trainer.world_size, ctx, progress)
+
+    # ------------------------------------------------------------------------------------- optimiser
+    def _warmup_steps(self) -> int:
+        frac = self.schedule_cfg.get("warmup_fraction", 0.02)  # official: ep/50 of the run
+        return int(self.schedule_cfg.get("warmup_steps") or round(frac * self.trainer.max_steps))
+
+    def peak_lr(self) -> float:
+        lr = self.optim_cfg.get("lr")
+        return float(lr) if lr else self.optim_cfg.get("base_lr", 1e-4) * self.global_batch / 256
+
+    def configure_optimizers(self):
+        groups = param_groups(self.var, self.optim_cfg.get("weight_decay", 0.05))
+        fused = self.optim_cfg.get("fused", True) and torch.cuda.is_available() and \
+            self.parallelism.get("kind") != "fsdp"
+        opt = torch.optim.AdamW(groups, lr=self.peak_lr(), betas=tuple(self.optim_cfg.get("betas", (0.9, 0.95))),
+                                eps=self.optim_cfg.get("eps", 1e-8), fused=fused or None)
+        s = self.schedule_cfg
+        max_steps, warmup = self.trainer.max_steps, self._warmup_steps()
+
+        def factor(step: int) -> float:
+            return lr_factor(step, max_steps, s.get("kind", "official"), warmup, s.get("end_ratio", 0.01),
+                             s.get("cooldown_fraction", 0.2), s.get("cooldown_shape", "1-sqrt"))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
