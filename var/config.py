@@ -101,6 +101,9 @@ def register_schemas() -> None:
 
 
 def setup() -> None:
+    from var import sweep_rules
+
+    sweep_rules.register()
     register_resolvers()
     register_schemas()
 
@@ -189,7 +192,14 @@ def preflight(config_dir: str, argv: list[str]) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides, skip = [], False
+    for a in argv:
+        if skip:  # the value of -cp / -cn / -c
+            skip = False
+        elif a in ("-cp", "-cn", "-c", "--config-path", "--config-name", "--config-dir", "-cd", "--info", "-i"):
+            skip = a not in ("--info", "-i")
+        elif not a.startswith("-"):
+            overrides.append(a)
     try:
         overrides = _first_of_sweeps(overrides)
         GlobalHydra.instance().clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -22,6 +23,11 @@ from var.lit.schedules import lr_factor, progressive_scale
 from var.lit.token_metrics import TokenMetricSums
 from var.models.transformer import param_groups
 from var.models.zoo import VARConfig, build_var
+
+# The frozen quantizer is in eval mode on purpose, and val metrics are all-reduced by TokenMetricSums
+# before logging, so these two Lightning warnings do not apply.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 
 
 class VARTrainingModule(L.LightningModule):

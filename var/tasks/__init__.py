@@ -28,10 +28,27 @@ def dispatch(cfg: DictConfig):
     return module.run(cfg)
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def run_task(cfg: DictConfig):
+    """Run one task. In a multirun a failing job is reported (and recorded failed by the training task)
+    and the sweep goes on with the next grid point; a single run exits with status 2 on a user error."""
     try:
         validate(cfg)
         return dispatch(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if in_multirun():
+            return None
         sys.exit(2)
+    except Exception as e:
+        if not in_multirun():
+            raise
+        first = str(e).strip().splitlines()
+        print(f"error: grid point failed: {type(e).__name__}: {first[0] if first else ''}", file=sys.stderr)
+        return None

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -39,7 +43,7 @@ def world_size_of(trainer_cfg: DictConfig) -> int:
     return max(n, 1) * int(trainer_cfg.get("num_nodes", 1))
 
 
-def build_strategy(parallelism: dict):
+def build_strategy(parallelism: dict, world: int):
     kind = parallelism.get("kind", "none")
     if kind == "none":
         return "auto"
@@ -50,7 +54,8 @@ def build_strategy(parallelism: dict):
     if kind == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)
+        # Pure data parallel: every rank is one shard of the mesh ("auto" would mean one per node).
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     raise ConfigError(f"trainer.parallelism.kind={kind}: expected none | ddp | fsdp")
 
 
@@ -76,6 +81,36 @@ def model_config(cfg: DictConfig, manifest: dict) -> dict:
     return m
 
 
+def launched_externally() -> bool:
+    """Ranks started by torchrun or SLURM (one task per GPU) need no local process launching."""
+    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ or \
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def relaunch_as_single_run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """A multirun grid point that needs several local processes runs as a single run in its own dir.
+
+    Lightning starts ranks 1.. by re-running the command line; inside a multirun that would start the
+    whole sweep again in every rank, so the grid point becomes a plain run of its own overrides first.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if world_size_of(cfg.trainer) <= 1 or launched_externally():
+        return None
+    overrides = [o for o in HydraConfig.get().overrides.task]
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *overrides, "hydra.mode=RUN", f"hydra.run.dir='{run_dir}'"]
+    print(f"{run_dir.name}: {world_size_of(cfg.trainer)} local processes, launched as a single run")
+    proc = subprocess.run(cmd, check=False)
+    record = read_record(run_dir / "record.json")
+    if record is None or (proc.returncode != 0 and record.get("status") != "failed"):
+        mark_failed(run_dir, RuntimeError(f"single-run relaunch exited with status {proc.returncode}"))
+        record = read_record(run_dir / "record.json")
+    return record
+
+
 def run(cfg: DictConfig) -> dict:
     task = cfg.task
     run_dir = run_dir_of(cfg)
@@ -87,6 +122,30 @@ def run(cfg: DictConfig) -> dict:
         print(f"skip {run_dir}: record.json says failed ({old.get('error')}); pass task.force=true to retry")
         return old
 
+    relaunched = relaunch_as_single_run(cfg, run_dir)
+    if relaunched is not None:
+        return relaunched
+    try:
+        return train(cfg, run_dir)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt) and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+            mark_failed(run_dir, e)
+        raise
+
+
+def mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Keep what the record already holds (evaluations so far) and add the failure, atomically."""
+    from var.record import RunRecord
+
+    record = RunRecord(run_dir, run_name=run_dir.name, run_dir=str(run_dir))
+    if record["status"] != "failed":
+        first = str(error).strip().splitlines()
+        record.update(status="failed", error=f"{type(error).__name__}: {first[0] if first else ''}")
+        record.save()
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    task = cfg.task
     world = world_size_of(cfg.trainer)
     if task.batch_size % world:
         raise ConfigError(f"task.batch_size={task.batch_size}: not divisible by the {world} devices")
@@ -115,7 +174,15 @@ def run(cfg: DictConfig) -> dict:
         "tokens_source": {"root": str(task.tokens), "fingerprint": dm.manifest.get("fingerprint")},
     }
     fpi = info["train_flops_per_image"]
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    max_steps = task.max_steps
+    if task.get("flop_budget"):  # iso-FLOP grids: the budget fixes the steps of each size
+        max_steps = max(1, math.ceil(float(task.flop_budget) / (fpi[task.flop_convention] * task.batch_size)))
+        static["flop_budget"] = {"flops": float(task.flop_budget), "convention": task.flop_convention}
+    if not max_steps:
+        raise ConfigError("task.max_steps: must be set (or task.flop_budget)")
+    loggers = build_loggers(cfg, run_dir)
+    callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
+                 if loggers or name != "lr_monitor"]  # the LR monitor refuses a trainer without loggers
     callbacks += [
         ScalingRecordCallback(str(run_dir), static, fpi, info["tokens_per_image"], task.batch_size,
                               task.record.num_eval_points, task.record.first_eval_fraction, task.schedule.kind),
@@ -124,12 +191,12 @@ def run(cfg: DictConfig) -> dict:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.pop("parallelism", None)
     trainer_kwargs.pop("_target_", None)
-    trainer_kwargs.update(max_steps=task.max_steps, max_epochs=-1, check_val_every_n_epoch=None,
+    trainer_kwargs.update(max_steps=max_steps, max_epochs=-1, check_val_every_n_epoch=None,
                           val_check_interval=task.val_every_n_steps, default_root_dir=str(run_dir))
     import lightning as L
 
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False,
-                        strategy=build_strategy(parallelism))
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False,
+                        strategy=build_strategy(parallelism, world))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     record = read_record(run_dir / "record.json") or {}
