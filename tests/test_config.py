@@ -19,10 +19,16 @@ GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml") if p.parent.name != "hydra
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_config_file_composes(path: Path, tmp_path):
     group, option = path.parent.name, path.stem
-    cfg = compose_cfg([f"{group}={option}"], root=tmp_path)
+    overrides = [f"{group}={option}"]
+    if group == "tokenizer":  # pair each tokenizer with a resolution its latent grid tiles
+        tok = OmegaConf.load(path)
+        overrides.append(f"data.resolution={tok.patch_nums[-1] * 2 ** (len(tok.ch_mult) - 1)}")
+    if group == "data":  # image datasets are prepared at any resolution
+        overrides.append("task=prepare")
+    cfg = compose_cfg(overrides, root=tmp_path)
     plain = resolved(cfg)  # every interpolation resolves
     validate(plain)
-    if group not in ("experiment", "debug", "launcher"):
+    if group not in ("experiment", "debug", "launcher", "sweep"):
         assert OmegaConf.select(cfg, group) is not None
 
 
