@@ -73,6 +73,8 @@ class ScalingRecordCallback(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.eval_steps = set(log_spaced_steps(trainer.max_steps, self.num_eval_points, self.first_eval_fraction))
         self.record = RunRecord(self.run_dir, **self.static_fields)
+        if trainer.ckpt_path:  # resumed from a checkpoint (after a kill, a preemption or a requeue)
+            self.record.update(resumes=self.record.data.get("resumes", 0) + 1)
         self.record.update(status="running", error=None, tokens_per_image=self.tokens_per_image,
                            flops_per_image=self.flops_per_image, batch_size=self.global_batch,
                            eval_steps=sorted(self.eval_steps), progress=self.progress(trainer.global_step))

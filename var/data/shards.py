@@ -21,7 +21,8 @@ MANIFEST = "manifest.json"
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    # Per-process temporary name: ranks that build the same cache at once never write the same file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

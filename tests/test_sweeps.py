@@ -1,0 +1,91 @@
+"""Sweeps run from the CLI: the ImageNet grid shrunk to CPU (DDP and FSDP2 with 2 gloo processes), and
+an interrupted demo sweep that a re-run finishes without redoing complete grid points."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+RUN = [sys.executable, str(REPO / "run.py")]
+
+
+def _records(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/record.json")}
+
+
+def test_scaling_imagenet_debug_runs_two_points_on_cpu_with_fsdp(small_token_cache, tmp_path):
+    _, tokens = small_token_cache
+    res = subprocess.run([*RUN, "-m", "sweep=scaling_imagenet", "debug=sweep_cpu", f"paths.root_dir={tmp_path}",
+                          f"task.tokens={tokens}", "tokenizer=vq_test32", "data.resolution=32"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = _records(tmp_path / "runs" / "scaling_imagenet")
+    assert len(records) == 2
+    kinds = sorted(r["config"]["trainer"]["parallelism"]["kind"] for r in records.values())
+    assert kinds == ["ddp", "fsdp"]
+    for r in records.values():
+        assert r["status"] == "complete", r.get("error")
+        assert r["config"]["trainer"]["devices"] == 2 and r["sweep"] == "scaling_imagenet"
+        assert r["final"]["step"] == 4
+
+
+def _demo_sweep(tmp_path, tokens, depths, steps):
+    return [*RUN, "-m", "sweep=scaling_demo", f"model.depth={depths}", f"task.max_steps={steps}",
+            f"paths.root_dir={tmp_path}", f"task.tokens={tokens}", "tokenizer=vq_test32", "data.resolution=32",
+            "callbacks.checkpoint.every_n_train_steps=2", "task.record.num_eval_points=3", "logger=none"]
+
+
+def test_killed_demo_sweep_rerun_finishes_only_what_is_missing(small_token_cache, tmp_path):
+    _, tokens = small_token_cache
+    sweep_dir = tmp_path / "runs" / "scaling_demo"
+    done = subprocess.run(_demo_sweep(tmp_path, tokens, "1", 8), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (d1_name, d1), = _records(sweep_dir).items()
+    assert d1["status"] == "complete"
+
+    # Start the 2-point sweep and kill it (SIGKILL, no cleanup) once the new point has a checkpoint.
+    proc = subprocess.Popen(_demo_sweep(tmp_path, tokens, "1,2", 40), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpts = [p for p in sweep_dir.glob("*/checkpoints/last.ckpt") if d1_name not in str(p)]
+        if ckpts:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpts, "the second grid point never wrote a checkpoint"
+    d2_dir = ckpts[0].parents[1]
+    assert json.loads((d2_dir / "record.json").read_text())["status"] == "running"
+
+    # The same command again: d1 is skipped, d2 resumes from its checkpoint and completes.
+    again = subprocess.run(_demo_sweep(tmp_path, tokens, "1,2", 40), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = _records(sweep_dir)
+    assert records[d1_name]["updated_at"] == d1["updated_at"]          # not redone
+    assert records[d2_dir.name]["status"] == "complete"
+    assert records[d2_dir.name].get("resumes", 0) == 1                # resumed, not restarted
+    assert records[d2_dir.name]["final"]["step"] == 40
+
+
+@pytest.mark.parametrize("bad", ["model.depth=0"])
+def test_a_failing_grid_point_is_recorded_and_the_sweep_goes_on(small_token_cache, tmp_path, bad):
+    _, tokens = small_token_cache
+    cmd = _demo_sweep(tmp_path, tokens, "0,1", 4)
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = _records(tmp_path / "runs" / "scaling_demo")
+    status = {r["config"]["model"]["depth"] if r.get("config") else name: r["status"] for name, r in records.items()}
+    assert sorted(status.values()) == ["complete", "failed"]
+    failed = next(r for r in records.values() if r["status"] == "failed")
+    assert failed["error"]
