@@ -31,7 +31,7 @@ def compose_cfg(overrides: list[str] | None = None, root: Path | None = None):
             cfg.paths.root_dir = str(root)
     # The hydra: resolver reads the runtime node, which a real run fills in.
     with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str((root or REPO) / "runs" / "test-output")
+        cfg.hydra.runtime.output_dir = str(root / "run") if root else str(REPO / "runs" / "test-output")
         cfg.hydra.job.override_dirname = ",".join(overrides or [])
     HydraConfig.instance().set_config(cfg)
     return cfg

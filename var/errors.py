@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Missing, empty or unreadable data; the message names the path."""
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""

@@ -94,7 +94,11 @@ class ScalingRecordCallback(L.Callback):
         if self.record is None:
             return
         step = trainer.global_step
-        if step >= trainer.max_steps:
+        preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+        if preempted:
+            self.record.update(status="preempted", preemptions=self.record.data.get("preemptions", 0) + 1,
+                               progress=self.progress(step))
+        elif step >= trainer.max_steps:
             if not any(e["step"] == step for e in self.record["evals"]):
                 self.evaluate(trainer, pl_module, step)
             self.record.update(status="complete", progress=self.progress(step))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from var.errors import TrainingDiverged
 from var.eval.test_loss import evaluate_token_loss, split_scales
 from var.lit.schedules import lr_factor, progressive_scale
 from var.lit.token_metrics import TokenMetricSums
@@ -91,8 +92,11 @@ class VARTrainingModule(L.LightningModule):
         ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none",
                              label_smoothing=self.loss_cfg.get("label_smoothing", 0.0))
         loss = ce.mean()  # every token the same weight, as the official trainer
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        if not torch.isfinite(loss):  # checked before backward: the bad step never reaches the weights
+            from var.callbacks.fault_guard import last_good_checkpoint
+
+            raise TrainingDiverged(f"non-finite training loss {loss.item()} at step {self.global_step}; "
+                                   f"last good checkpoint: {last_good_checkpoint(self.trainer)}")
         self.log("train/loss", loss, prog_bar=True)
         if prog_si is not None:
             self.log("train/prog_si", float(prog_si))

@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from var.callbacks.fault_guard import NonFiniteGuard, PreemptionHandler
 from var.callbacks.scaling_record import ScalingRecordCallback
 from var.callbacks.throughput import ThroughputCallback
 from var.data.tokens import TokenDataModule
@@ -187,6 +188,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         ScalingRecordCallback(str(run_dir), static, fpi, info["tokens_per_image"], task.batch_size,
                               task.record.num_eval_points, task.record.first_eval_fraction, task.schedule.kind),
         ThroughputCallback(fpi[task.mfu_convention], info["tokens_per_image"], task.batch_size),
+        NonFiniteGuard(),
+        PreemptionHandler(str(run_dir / "checkpoints")),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.pop("parallelism", None)
@@ -200,6 +203,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     record = read_record(run_dir / "record.json") or {}
+    if record.get("status") == "preempted":
+        print(f"{run_dir.name}: preempted at step {trainer.global_step}; checkpoint saved, re-run the same "
+              f"command to resume")
+        return record
     final = record.get("final") or {}
     if trainer.is_global_zero and final:
         print(f"{run_dir.name}: d{module.model_cfg.depth} {params['total'] / 1e6:.2f}M params, "
