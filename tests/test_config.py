@@ -22,6 +22,7 @@ def test_every_config_file_composes(path: Path, tmp_path):
     overrides = [f"{group}={option}"]
     if group == "tokenizer":  # pair each tokenizer with a resolution its latent grid tiles
         tok = OmegaConf.load(path)
+        tok = tok.tokenizer if "tokenizer" in tok else tok  # some presets also set data.resolution
         overrides.append(f"data.resolution={tok.patch_nums[-1] * 2 ** (len(tok.ch_mult) - 1)}")
     if group == "data":  # image datasets are prepared at any resolution
         overrides.append("task=prepare")
