@@ -183,7 +183,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError("task.max_steps: must be set (or task.flop_budget)")
     loggers = build_loggers(cfg, run_dir)
     callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
-                 if loggers or name != "lr_monitor"]  # the LR monitor refuses a trainer without loggers
+                 if c is not None and (loggers or name != "lr_monitor")]  # the LR monitor refuses a trainer without loggers
     callbacks += [
         ScalingRecordCallback(str(run_dir), static, fpi, info["tokens_per_image"], task.batch_size,
                               task.record.num_eval_points, task.record.first_eval_fraction, task.schedule.kind),
