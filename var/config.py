@@ -143,7 +143,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 # Tasks that only touch images: any resolution goes, whatever tokenizer the config names.
-IMAGE_ONLY_TASKS = ("prepare", "show")
+IMAGE_ONLY_TASKS = ("prepare", "show", "sample", "edit")  # sample/edit take the tokenizer of the run
 
 
 def _validate_tokenizer_fit(cfg: DictConfig) -> None:

@@ -32,6 +32,8 @@ def load_var(path: str | os.PathLike, device: str | torch.device = "cpu", depth:
     A released ``var_d{depth}.pth`` needs ``depth`` (its file holds no config).
     """
     ckpt = resolve_checkpoint(path)
+    if ckpt.is_dir() and not (ckpt / ".metadata").exists():
+        raise CheckpointError(f"{ckpt}: a run directory without checkpoints/last.ckpt")
     if ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: a sharded (distributed) checkpoint; consolidate it first with "
                               "torch.distributed.checkpoint.format_utils.dcp_to_torch_save")

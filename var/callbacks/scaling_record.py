@@ -56,9 +56,12 @@ class ScalingRecordCallback(L.Callback):
         entry = {"step": step, "images_seen": prog["images_seen"], "tokens_seen": prog["tokens_seen"],
                  "flops": prog["flops_seen"], "split": "test",
                  "annealed": is_annealed(step, trainer.max_steps, self.schedule_kind), **metrics}
-        for key in ("L_mean", "L_last", "err_mean", "err_last"):
-            pl_module.log(f"test/{key}", metrics[key], rank_zero_only=True)
-        pl_module.log("test/tokens_seen", float(prog["tokens_seen"]), rank_zero_only=True)
+        # Straight to the loggers: this also runs from on_train_end, where LightningModule.log is refused.
+        if trainer.is_global_zero:
+            values = {f"test/{k}": metrics[k] for k in ("L_mean", "L_last", "err_mean", "err_last")}
+            values["test/tokens_seen"] = float(prog["tokens_seen"])
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
         if self.record is not None:
             self.record.add_eval(entry)
             self.record.update(progress=prog)

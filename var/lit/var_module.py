@@ -128,6 +128,13 @@ class VARTrainingModule(L.LightningModule):
                                    self.trainer.datamodule.eval_batch_size, self.device,
                                    self.global_rank, self.trainer.world_size, ctx, progress)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Global-norm clipping done here: Lightning refuses to clip for fused AdamW under mixed precision
+        (it assumes a gradient scaler), but bf16 has none, and FSDP2's DTensor grads clip the same way."""
+        if gradient_clip_val:
+            norm = torch.nn.utils.clip_grad_norm_(self.var.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     # ------------------------------------------------------------------------------------- optimiser
     def _warmup_steps(self) -> int:
         frac = self.schedule_cfg.get("warmup_fraction", 0.02)  # official: ep/50 of the run

@@ -1,0 +1,188 @@
+"""Next-scale sampling with a KV cache and classifier-free guidance (VAR.autoregressive_infer_cfg).
+
+For each scale si = 0..K-1 the transformer sees only that scale's input (the start token at si = 0, else
+the area-downsampled cumulative f_hat of the scales so far) and attends to the cached keys of the earlier
+scales. With guidance the batch is doubled, rows [0:B] with the labels and [B:2B] with the null class
+(index ``num_classes``), and the logits are mixed as (1 + t) * cond - t * uncond with t = cfg * si/(K-1)
+(``linear``, the official schedule: no guidance at 1x1, full cfg at the last scale) or t = cfg (``constant``).
+
+Every random draw of image i comes from its own ``torch.Generator`` seeded with ``seeds[i]``, so an image
+depends on its (label, seed) only, not on the batch it was drawn in or its position there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from var.sampling.config import CFG_SCHEDULES
+
+
+# ------------------------------------------------------------------------------------------- filters
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set filtered logits to -inf (a new tensor), with the official semantics (helpers.py).
+
+    top-k keeps the logits >= the k-th largest (ties at the boundary are kept); k >= V is a no-op.
+    top-p sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p, always keeping
+    the most likely token.
+    """
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if 0 < top_p < 1:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
+    return logits
+
+
+def guidance_scale(cfg: float, schedule: str, si: int, num_scales: int) -> float:
+    """t of scale si: the weight of (cond - uncond) added to cond."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={schedule!r}: expected one of {', '.join(CFG_SCHEDULES)}")
+    ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
+    return cfg * ratio if schedule == "linear" else cfg
+
+
+def _gumbel_mix(logits_lV: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """Soft Gumbel-softmax weights (l, V) with the image's generator (official gumbel_softmax_with_rng)."""
+    gumbels = -torch.empty_like(logits_lV).exponential_(generator=gen).log()
+    return ((logits_lV + gumbels) / tau).softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- core
+def _check_args(var_model, labels: torch.Tensor, seeds: Sequence[int], cfg: float, cfg_schedule: str,
+                top_k: int, top_p: float, temperature: float, gumbel_smooth: float) -> None:
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D (B,), got shape {tuple(labels.shape)}")
+    if len(seeds) != labels.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {labels.shape[0]} labels: give one seed per image")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > var_model.num_classes):
+        raise ValueError(f"labels must be in [0, {var_model.num_classes}] ({var_model.num_classes}: unconditional)")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected one of {', '.join(CFG_SCHEDULES)}")
+    if cfg < 0 or top_k < 0 or not 0 <= top_p <= 1 or temperature <= 0 or gumbel_smooth < 0:
+        raise ValueError("need cfg >= 0, top_k >= 0, 0 <= top_p <= 1, temperature > 0, gumbel_smooth >= 0")
+
+
+@torch.no_grad()
+def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg: float = 1.5,
+               cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+               gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
+               forced: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               logits_out: list | None = None, guided: bool | None = None,
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The sampling loop shared by sampling and editing; see ``sample_tokens`` for the arguments.
+
+    forced: per scale (source tokens (B, pn^2), keep (B, pn^2) bool): kept positions take the source's
+      token (and code vector) after the draw, so later scales attend to them (zero-shot editing).
+    logits_out: if a list, receives each scale's raw model logits ((2B if guided else B), pn^2, V).
+    guided: run the doubled batch (default: cfg > 0). With cfg = 0 and guided=True the null rows are
+      computed and weighted by 0, which must give the plain conditional result.
+    """
+    _check_args(var_model, labels, seeds, cfg, cfg_schedule, top_k, top_p, temperature, gumbel_smooth)
+    device = var_model.class_emb.weight.device
+    patch_nums, K = var_model.patch_nums, len(var_model.patch_nums)
+    if tuple(vqvae.patch_nums) != tuple(patch_nums):
+        raise ValueError(f"tokenizer patch_nums {tuple(vqvae.patch_nums)} != transformer's {tuple(patch_nums)}")
+    guided = cfg > 0 if guided is None else guided
+    B = labels.shape[0]
+    labels = labels.to(device=device, dtype=torch.long)
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    codebook = vqvae.quantize.embedding.weight
+    states = (var_model.training, vqvae.training)
+    var_model.eval()
+    vqvae.eval()
+    try:
+        var_model.enable_kv_cache(True)
+        lab = torch.cat((labels, torch.full_like(labels, var_model.num_classes))) if guided else labels
+        cond_BD = var_model.class_emb(lab)
+        f_hat, x, tokens = None, None, []
+        for si, pn in enumerate(patch_nums):
+            ratio = si / (K - 1) if K > 1 else 1.0
+            with autocast():
+                logits = var_model.forward_scale(cond_BD, x, si)
+            if logits_out is not None:
+                logits_out.append(logits.clone())
+            if guided:
+                t = guidance_scale(cfg, cfg_schedule, si, K)
+                logits = (1 + t) * logits[:B] - t * logits[B:]
+            if temperature != 1.0:
+                logits = logits / temperature
+            logits = top_k_top_p_filter(logits, top_k, top_p)
+            probs = logits.softmax(dim=-1)
+            # One draw per image with its own generator: independent of the batch around it.
+            idx = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0] for i, g in enumerate(gens)]) \
+                if B else probs.new_zeros(0, pn * pn, dtype=torch.long)
+            h = None
+            if gumbel_smooth > 0:
+                tau = max(gumbel_smooth * (1 - 0.95 * ratio), 0.005)
+                w = torch.stack([_gumbel_mix(logits[i] * (1 + ratio), tau, g) for i, g in enumerate(gens)])
+                h = w.to(codebook.dtype) @ codebook  # (B, l, Cvae): a soft mix of codes
+            if forced is not None:
+                src, keep = forced[si]
+                src, keep = src.to(device), keep.to(device)
+                idx = torch.where(keep, src, idx)
+                if h is not None:
+                    h = torch.where(keep.unsqueeze(-1), vqvae.quantize.embedding(src).to(h.dtype), h)
+            tokens.append(idx)
+            # Hard tokens go in as indices: the exact path the teacher-forcing input takes.
+            step_in = idx if h is None else h.transpose(1, 2).reshape(B, -1, pn, pn)
+            f_hat, nxt = vqvae.get_next_autoregressive_input(si, f_hat, step_in)
+            if si < K - 1:
+                x = nxt.flatten(2).transpose(1, 2)
+                if guided:
+                    x = torch.cat((x, x))
+        return tokens, f_hat
+    finally:
+        var_model.enable_kv_cache(False)
+        var_model.train(states[0])
+        vqvae.train(states[1])
+
+
+def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg: float = 1.5,
+                  cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+                  gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
+                  logits_out: list | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sample B token pyramids: (K LongTensors (B, pn^2), f_hat (B, Cvae, H, H) fp32).
+
+    labels (B,): classes; ``var_model.num_classes`` means unconditional (the null class). seeds: one per
+    image. cfg: guidance strength (0: none, a single forward of B rows per scale). cfg_schedule: ``linear``
+    | ``constant``. top_k / top_p: 0 is off. temperature divides the (guided) logits. gumbel_smooth > 0:
+    the official ``more_smooth`` (the returned tokens are the hard draws, f_hat is built from the soft
+    mix). autocast: a zero-argument callable returning a context for the transformer's forward, e.g.
+    ``lambda: torch.autocast("cuda", torch.bfloat16)``. logits_out: see ``run_scales``.
+    The model's train/eval mode is restored and its KV cache switched off afterwards.
+    """
+    return run_scales(var_model, vqvae, labels, seeds, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k,
+                      top_p=top_p, temperature=temperature, gumbel_smooth=gumbel_smooth, autocast=autocast,
+                      logits_out=logits_out)
+
+
+@torch.no_grad()
+def decode_fhat(vqvae, f_hat: torch.Tensor) -> torch.Tensor:
+    """f_hat -> image (B, 3, R, R) in [0, 1], leaving the tokenizer's train/eval mode as it was."""
+    was = vqvae.training
+    vqvae.eval()
+    try:
+        return vqvae.fhat_to_img(f_hat).add(1).mul(0.5)
+    finally:
+        vqvae.train(was)
+
+
+def sample_images(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], **kwargs) -> torch.Tensor:
+    """``sample_tokens`` and decode: float (B, 3, R, R) in [0, 1]."""
+    _, f_hat = sample_tokens(var_model, vqvae, labels, seeds, **kwargs)
+    return decode_fhat(vqvae, f_hat)
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounding like torchvision's save_image."""
+    x = images.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
