@@ -48,6 +48,7 @@ def worker(rank, world, init, data_root, out):
         else:
             assert gen is None
     finally:
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
