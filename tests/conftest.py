@@ -103,3 +103,23 @@ def small_token_cache(small_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens32")
     manifest = write_token_cache(root, image_root, tokenizer, PRESETS["vq_test32"].patch_nums)
     return manifest, root
+
+
+def train_tiny_run(root: Path, tokens_root, steps: int = 4, depth: int = 1) -> Path:
+    """A few steps of a tiny transformer on the small token cache; returns its run directory."""
+    from var.tasks import train
+
+    overrides = ["task=train", "logger=none", "trainer=cpu", f"task.tokens={tokens_root}", f"task.max_steps={steps}",
+                 f"model.depth={depth}", "model.patch_nums=[1,2,3,4]", "model.vocab_size=64", "model.cvae=8",
+                 "task.batch_size=16", "task.eval_batch_size=64", "task.eval_limit=16", "task.val_every_n_steps=1000",
+                 "task.record.num_eval_points=2", "trainer.enable_progress_bar=false", "data.resolution=32"]
+    cfg = resolved(compose_cfg(overrides, root=root))
+    torch.manual_seed(0)
+    train.run(cfg)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(small_token_cache, tmp_path_factory):
+    """One 4-step depth-1 run shared by the sampling and editing tests."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny_run"), small_token_cache[1])

@@ -81,22 +81,9 @@ def test_edit_image_shape_range_and_nothing_to_regenerate(models, images):
 
 
 # --------------------------------------------------------------------------------------------- task=edit
-@pytest.fixture(scope="module")
-def trained_run(small_token_cache, tmp_path_factory):
-    from var.tasks import train
-
-    _, tokens_root = small_token_cache
-    root = tmp_path_factory.mktemp("edit_run")
-    overrides = ["task=train", "logger=none", "trainer=cpu", f"task.tokens={tokens_root}", "task.max_steps=4",
-                 "model.depth=1", "model.patch_nums=[1,2,3,4]", "model.vocab_size=64", "model.cvae=8",
-                 "task.batch_size=16", "task.eval_batch_size=64", "task.eval_limit=16", "task.val_every_n_steps=1000",
-                 "task.record.num_eval_points=2", "trainer.enable_progress_bar=false", "data.resolution=32"]
-    cfg = resolved(compose_cfg(overrides, root=root))
-    cfg.paths.output_dir = str(root / "run")
-    cfg.callbacks.checkpoint.dirpath = str(root / "run" / "checkpoints")
-    torch.manual_seed(0)
-    train.run(cfg)
-    return root / "run"
+@pytest.fixture
+def trained_run(tiny_trained_run):
+    return tiny_trained_run
 
 
 def test_task_edit_writes_source_mask_result(trained_run, small_dataset, tmp_path):

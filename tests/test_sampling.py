@@ -170,24 +170,9 @@ def test_rank_split_has_no_duplicates_and_no_gaps():
 
 
 # ------------------------------------------------------------------------------------------- task=sample
-@pytest.fixture(scope="module")
-def trained_run(small_token_cache, tmp_path_factory):
-    """A transformer trained for a few steps on the small token cache (a real run directory)."""
-    from var.tasks import train
-
-    _, tokens_root = small_token_cache
-    root = tmp_path_factory.mktemp("sample_run")
-    overrides = ["task=train", "logger=none", "trainer=cpu", f"task.tokens={tokens_root}",
-                 "task.max_steps=4", "model.depth=1", "model.patch_nums=[1,2,3,4]", "model.vocab_size=64",
-                 "model.cvae=8", "task.batch_size=16", "task.eval_batch_size=64", "task.eval_limit=16",
-                 "task.val_every_n_steps=1000", "task.record.num_eval_points=2", "trainer.enable_progress_bar=false",
-                 "data.resolution=32"]
-    cfg = resolved(compose_cfg(overrides, root=root))
-    cfg.paths.output_dir = str(root / "run")
-    cfg.callbacks.checkpoint.dirpath = str(root / "run" / "checkpoints")
-    torch.manual_seed(0)
-    train.run(cfg)
-    return root / "run"
+@pytest.fixture
+def trained_run(tiny_trained_run):
+    return tiny_trained_run
 
 
 def sample_cfg(tmp_path, run_dir, extra=()):
