@@ -41,6 +41,9 @@ class Run:
     final: dict | None
     error: str | None = None
     config: dict = field(default_factory=dict)
+    # A WSD cooldown branch of another run ({"of": run name, "step": branch step, ...}): its own annealed
+    # endpoint at its own tokens/FLOPs, one more data point of the same size.
+    branch: dict | None = None
 
     @classmethod
     def from_record(cls, rec: dict, source: str) -> Run:
@@ -58,6 +61,7 @@ class Run:
             final=None,
             error=rec.get("error"),
             config=rec.get("config") or {},
+            branch=rec.get("branch") if isinstance(rec.get("branch"), dict) else None,
         )
         evals = [e for e in rec.get("evals") or [] if e.get("split", "test") == "test"]
         run.evals = sorted((run._point(e) for e in evals), key=lambda p: p["step"] or 0)
@@ -173,7 +177,8 @@ class RunTable:
             if run.final is not None:
                 points.append((run.final, True))
             for p, is_final in points:
-                row = {"run": run.name, "sweep": run.sweep, "status": run.status, "depth": run.depth}
+                row = {"run": run.name, "sweep": run.sweep, "status": run.status, "depth": run.depth,
+                       "branch_of": (run.branch or {}).get("of")}
                 row.update({k: run.model.get(k) for k in PARAM_KINDS})
                 row.update({k: p[k] for k in ("step", "images_seen", "tokens_seen", "annealed")})
                 row.update({f"flops:{c}": v for c, v in p["flops"].items()})

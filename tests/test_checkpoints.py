@@ -58,3 +58,20 @@ def test_strict_load_names_missing_unexpected_and_misshaped_keys(tmp_path):
     assert "1.bias" in msg and "2.weight" in msg and "0.weight" in msg
     torch.save(model.state_dict(), tmp_path / "ok.pth")
     load_weights(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), tmp_path / "ok.pth")
+
+
+def test_resuming_from_a_checkpoint_that_would_run_code_is_refused(small_token_cache, tmp_path):
+    """A training run resumes through torch.load(weights_only=True) too: the planted last.ckpt never runs."""
+    import json
+
+    from tests.test_train import run_train
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 3, "payload": _RunsCode(marker)}, ckpt)
+    with pytest.raises(CheckpointError, match="weights_only") as e:
+        run_train(tmp_path, small_token_cache[1], steps=4)
+    assert not marker.exists() and "\n" not in str(e.value) and str(ckpt) in str(e.value)
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and "CheckpointError" in record["error"]

@@ -29,7 +29,7 @@ def test_every_config_file_composes(path: Path, tmp_path):
     cfg = compose_cfg(overrides, root=tmp_path)
     plain = resolved(cfg)  # every interpolation resolves
     validate(plain)
-    if group not in ("experiment", "debug", "launcher", "sweep"):
+    if group not in ("experiment", "debug", "launcher", "sweep", "speed"):
         assert OmegaConf.select(cfg, group) is not None
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from var.errors import UserError
+
 # Where each released file comes from, for the error message when it is absent.
 RELEASED_SOURCES = {
     "vae_ch160v4096z32.pth": "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth",
@@ -23,8 +25,8 @@ RELEASED_SOURCES = {
 }
 
 
-class CheckpointError(RuntimeError):
-    """A weight file is missing, unsafe, or does not match the model."""
+class CheckpointError(UserError):
+    """A weight file is missing, unsafe, or does not match the model (a one-line error for the user)."""
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> dict:

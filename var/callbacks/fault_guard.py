@@ -12,7 +12,6 @@ record counts the preemptions.
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -59,12 +58,22 @@ class PreemptionHandler(L.Callback):
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def _install(self) -> None:
         for sig in self.SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+                previous = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: the launcher handles signals
-                pass
+                continue
+            self._previous.setdefault(sig, previous)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After on_fit_start Lightning chains its own SIGTERM handler in front of this one; with several
+        # ranks it broadcasts from inside the handler, at whatever point each rank was interrupted, and the
+        # ranks deadlock. Only the flag is wanted, acted on by all ranks together at the end of a step.
+        self._install()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         for sig, handler in self._previous.items():
@@ -74,11 +83,9 @@ class PreemptionHandler(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoint_dir / "last.ckpt"
-        tmp = self.checkpoint_dir / f"last.ckpt.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
+        # Atomic through the training task's checkpoint IO and strategy (var/lit/checkpoint_io.py), also
+        # for a folder of FSDP2 shards, which a rename cannot put over an existing folder.
+        trainer.save_checkpoint(self.checkpoint_dir / "last.ckpt")
         self.preempted = True
         trainer.should_stop = True
         # Lightning also notes SIGTERM and would raise at the end of this step; the checkpoint is written,

@@ -28,7 +28,8 @@ def log_spaced_steps(max_steps: int, num_points: int, first_fraction: float = 0.
 class ScalingRecordCallback(L.Callback):
     def __init__(self, run_dir: str, static_fields: dict, flops_per_image: dict[str, float],
                  tokens_per_image: int, global_batch: int, num_eval_points: int = 8,
-                 first_eval_fraction: float = 0.01, schedule_kind: str = "official"):
+                 first_eval_fraction: float = 0.01, schedule_kind: str = "official",
+                 eval_steps: list[int] | None = None, start_ckpt: str | None = None):
         self.run_dir = run_dir
         self.static_fields = static_fields
         self.flops_per_image = flops_per_image
@@ -37,6 +38,10 @@ class ScalingRecordCallback(L.Callback):
         self.num_eval_points = num_eval_points
         self.first_eval_fraction = first_eval_fraction
         self.schedule_kind = schedule_kind
+        # Explicit evaluation steps replace the log-spaced ones (a cooldown branch evaluates its end only).
+        self.fixed_eval_steps = list(eval_steps) if eval_steps else None
+        # A fit that starts from this checkpoint is a branch starting, not a resume.
+        self.start_ckpt = str(start_ckpt) if start_ckpt else None
         self.record: RunRecord | None = None
         self.eval_steps: set[int] = set()
 
@@ -55,7 +60,8 @@ class ScalingRecordCallback(L.Callback):
         prog = self.progress(step)
         entry = {"step": step, "images_seen": prog["images_seen"], "tokens_seen": prog["tokens_seen"],
                  "flops": prog["flops_seen"], "split": "test",
-                 "annealed": is_annealed(step, trainer.max_steps, self.schedule_kind), **metrics}
+                 "annealed": is_annealed(step, trainer.max_steps, self.schedule_kind),
+                 "lr": _current_lr(trainer), **metrics}
         # Straight to the loggers: this also runs from on_train_end, where LightningModule.log is refused.
         if trainer.is_global_zero:
             values = {f"test/{k}": metrics[k] for k in ("L_mean", "L_last", "err_mean", "err_last")}
@@ -74,14 +80,20 @@ class ScalingRecordCallback(L.Callback):
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.eval_steps = set(log_spaced_steps(trainer.max_steps, self.num_eval_points, self.first_eval_fraction))
+        self.eval_steps = set(self.fixed_eval_steps or
+                              log_spaced_steps(trainer.max_steps, self.num_eval_points, self.first_eval_fraction))
         self.record = RunRecord(self.run_dir, **self.static_fields)
-        if trainer.ckpt_path:  # resumed from a checkpoint (after a kill, a preemption or a requeue)
-            self.record.update(resumes=self.record.data.get("resumes", 0) + 1)
         self.record.update(status="running", error=None, tokens_per_image=self.tokens_per_image,
                            flops_per_image=self.flops_per_image, batch_size=self.global_batch,
                            eval_steps=sorted(self.eval_steps), progress=self.progress(trainer.global_step))
         self._save(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Not in on_fit_start: under FSDP2 (ModelParallelStrategy) the checkpoint is restored after it.
+        if trainer.ckpt_path and str(trainer.ckpt_path) != self.start_ckpt:  # resumed (kill, preemption, requeue)
+            self.record.update(resumes=self.record.data.get("resumes", 0) + 1,
+                               progress=self.progress(trainer.global_step))
+            self._save(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -114,3 +126,9 @@ class ScalingRecordCallback(L.Callback):
         self.record.update(status="failed", error=f"{type(exception).__name__}: {msg[0] if msg else ''}",
                            progress=self.progress(trainer.global_step))
         self._save(trainer)
+
+
+def _current_lr(trainer) -> float | None:
+    """The learning rate the next step would use (the scheduler has already stepped)."""
+    opts = getattr(trainer, "optimizers", None) or []
+    return float(opts[0].param_groups[0]["lr"]) if opts and opts[0].param_groups else None

@@ -5,11 +5,14 @@ number of steps whatever the shard sizes (uneven ranks would hang a collective).
 its own disjoint subset of shards when there are enough of them, so ranks see different samples.
 Evaluation reads every sample exactly once across all ranks and workers: by shard when there are enough
 shards, else by sample index (small splits with a single shard still spread over ranks).
+
+Corrupt data never stops a pass: a truncated or unreadable shard and an undecodable image are skipped,
+counted per shard and kind (var/data/faults.py) and logged in one line each; the loaders fail the run with
+one DataError line once the bad fraction of a split exceeds ``max_bad_fraction``.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import random
@@ -22,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from var.data.faults import FaultCounter, combine, one_line
 from var.data.prepare import resize_center_crop
 from var.data.shards import read_manifest, split_urls
 from var.errors import DataError
@@ -109,6 +113,67 @@ class _WorkerSeed:
         return self.seed * 1_000_003 + self.rank * 1009 + _worker()[0]
 
 
+class _ReadShards:
+    """webdataset's tar reader, one shard at a time, with a handler that skips the rest of a bad shard and
+    counts the samples it lost (replaces ``wds.tarfile_to_samples``)."""
+
+    def __init__(self, faults: FaultCounter, shared_by: int | None = None):
+        # shared_by=RANK: every (rank, worker) reads every shard and keeps a share of its samples, so only
+        # worker 0 of rank 0 counts a shard's losses.
+        self.faults, self.shared_by = faults, shared_by
+
+    def __call__(self, src):
+        counts_losses = self.shared_by is None or (self.shared_by == 0 and _worker()[0] == 0)
+        for item in src:
+            errors: list[str] = []
+
+            def skip_rest(exn, errors=errors) -> bool:
+                errors.append(one_line(exn).split(" @ ")[0])  # webdataset appends the stream's repr
+                return True  # go on with the next shard
+
+            delivered, last = 0, None
+            for sample in wds.tariterators.tarfile_samples([dict(item)], handler=skip_rest):
+                delivered, last = delivered + 1, sample["__key__"]
+                yield sample
+            if counts_losses:
+                self.faults.shard_ended(item["url"], delivered, last, errors[0] if errors else None)
+
+
+class _Decode:
+    """Decode each sample; an unreadable one is counted, logged and dropped."""
+
+    def __init__(self, faults: FaultCounter, resolution: int, num_classes: int | None):
+        self.faults, self.resolution, self.num_classes = faults, resolution, num_classes
+
+    def __call__(self, src):
+        for sample in src:
+            url, key = sample.get("__url__"), sample.get("__key__")
+            try:
+                item = decode_sample(sample, self.resolution)
+            except Exception as e:  # PIL raises many types for bad bytes; a missing field is a DataError
+                self.faults.bad(url, key, "undecodable", one_line(e))
+                continue
+            if self.num_classes and not 0 <= item[1] < self.num_classes:
+                self.faults.bad(url, key, "bad_label", f"label {item[1]} outside [0, {self.num_classes})")
+                continue
+            self.faults.seen(url)
+            yield item
+
+
+class _CheckedLoader(DataLoader):
+    """A DataLoader that fails with one DataError line once too many samples of its split were skipped.
+
+    Mid-pass it judges only after enough samples (faults.min_seen); at the end of a pass, always.
+    """
+
+    def __iter__(self):
+        faults, limit = self.dataset.faults, self.dataset.max_bad_fraction
+        for batch in super().__iter__():
+            faults.check(limit, final=False)
+            yield batch
+        faults.check(limit, final=True)
+
+
 class FixedLengthStream(IterableDataset):
     """An iterable with a known length (batches per rank per epoch), so progress bars and schedulers know it."""
 
@@ -126,7 +191,7 @@ class ImageShardDataModule(L.LightningDataModule):
     def __init__(self, root: str, resolution: int, batch_size: int, eval_batch_size: int | None = None,
                  num_workers: int = 2, train_batches_per_epoch: int = 100, shuffle_buffer: int = 1000,
                  hflip: bool = True, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 **_unused):
+                 max_bad_fraction: float = 0.01, **_unused):
         super().__init__()
         self.root = Path(root)
         self.resolution = resolution
@@ -139,6 +204,8 @@ class ImageShardDataModule(L.LightningDataModule):
         self.seed = seed
         self._rank, self._world = rank, world_size
         self.manifest: dict | None = None
+        self.max_bad_fraction = max_bad_fraction
+        self.faults: dict[str, FaultCounter] = {}
 
     # ----------------------------------------------------------------------------------------- setup
     def rank_world(self) -> tuple[int, int]:
@@ -166,6 +233,25 @@ class ImageShardDataModule(L.LightningDataModule):
             raise DataError(f"dataset {self.root} has no '{split}' split")
         return urls
 
+    def fault_counter(self, split: str) -> FaultCounter:
+        """The split's counter, shared by every loader and worker that reads the split."""
+        if split not in self.faults:
+            urls = self.urls(split)
+            counts = self.manifest["splits"][split].get("shard_counts")
+            self.faults[split] = FaultCounter(split, urls, dict(zip(urls, counts)) if counts else None,
+                                              workers=max(self.num_workers, 1), shared=True)
+        return self.faults[split]
+
+    def fault_summary(self, reduce: bool = True) -> dict:
+        """Skipped and seen samples of every split read so far; ``reduce`` sums over ranks (a collective)."""
+        return combine([self.faults[s].summary(reduce=reduce) for s in sorted(self.faults)], self.max_bad_fraction)
+
+    def _stages(self, split: str, shared_by: int | None = None) -> tuple[list, list]:
+        faults = self.fault_counter(split)
+        num_classes = (self.manifest or {}).get("num_classes")
+        return ([_ReadShards(faults, shared_by)],
+                [_Decode(faults, self.resolution, int(num_classes) if num_classes else None)])
+
     def split_size(self, split: str) -> int:
         if self.manifest is None:
             self.setup()
@@ -178,34 +264,42 @@ class ImageShardDataModule(L.LightningDataModule):
         own = urls[rank::world] if len(urls) >= world else urls
         nw = max(self.num_workers, 1)
         per_worker = math.ceil(self.train_batches_per_epoch / nw)
+        read, decode = self._stages("train")
         stages = [
             wds.ResampledShards(own, seed=self.seed, worker_seed=_WorkerSeed(self.seed, rank), deterministic=True),
-            wds.tarfile_to_samples(),
+            *read,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                         rng=random.Random(self.seed * 7919 + rank)),
-            wds.map(functools.partial(decode_sample, resolution=self.resolution)),
+            *decode,
         ]
         if self.hflip:
             stages.append(wds.map(_RandomFlip(self.seed, rank)))
         stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=False))
-        return FixedLengthStream(wds.DataPipeline(*stages).with_epoch(per_worker), per_worker * nw)
+        return self._checked(FixedLengthStream(wds.DataPipeline(*stages).with_epoch(per_worker), per_worker * nw),
+                             "train")
+
+    def _checked(self, pipeline, split: str):
+        """Tag a pipeline with its split's counter, so ``_loader`` can fail on too many bad samples."""
+        pipeline.faults, pipeline.max_bad_fraction = self.fault_counter(split), self.max_bad_fraction
+        return pipeline
 
     def eval_pipeline(self, split: str) -> wds.DataPipeline:
         rank, world = self.rank_world()
         urls = self.urls(split)
         nw = max(self.num_workers, 1)
-        if len(urls) >= world * nw:
-            stages = [wds.SimpleShardList(urls), _ShardsOfRank(rank, world), wds.split_by_worker,
-                      wds.tarfile_to_samples()]
+        by_shard = len(urls) >= world * nw
+        read, decode = self._stages(split, shared_by=None if by_shard else rank)
+        if by_shard:
+            stages = [wds.SimpleShardList(urls), _ShardsOfRank(rank, world), wds.split_by_worker, *read]
         else:
-            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(), _TakeByIndex(rank, world)]
-        stages += [wds.map(functools.partial(decode_sample, resolution=self.resolution)),
-                   wds.batched(self.eval_batch_size, collation_fn=collate, partial=True)]
-        return wds.DataPipeline(*stages)
+            stages = [wds.SimpleShardList(urls), *read, _TakeByIndex(rank, world)]
+        stages += [*decode, wds.batched(self.eval_batch_size, collation_fn=collate, partial=True)]
+        return self._checked(wds.DataPipeline(*stages), split)
 
     def _loader(self, pipeline) -> DataLoader:
-        return DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        cls = _CheckedLoader if getattr(pipeline, "faults", None) is not None else DataLoader
+        return cls(pipeline, batch_size=None, num_workers=self.num_workers,
+                   persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_pipeline())

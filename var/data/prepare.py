@@ -6,6 +6,7 @@ an encoded image (``png`` or ``jpg``), its class index (``cls``) and a small ``j
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -95,8 +96,22 @@ def synthetic_matches(manifest: dict | None, data) -> bool:
         s: int(data.splits[s]) for s in SPLITS}
 
 
-def prepare_synthetic(data, force: bool = False) -> dict:
-    """Generate the synthetic dataset into ``data.root`` unless an identical one is already there."""
+def _render_synthetic(args) -> tuple[bytes, int]:
+    seed, split, i, num_classes, resolution = args
+    arr, label = synthetic.generate(seed, split, i, num_classes, resolution, _recipes(num_classes))
+    return encode_image(arr, "png"), label
+
+
+@functools.cache
+def _recipes(num_classes: int):
+    return synthetic.class_recipes(num_classes)
+
+
+def prepare_synthetic(data, force: bool = False, workers: int = 1) -> dict:
+    """Generate the synthetic dataset into ``data.root`` unless an identical one is already there.
+
+    Images are rendered by ``workers`` processes and written in index order, so the shards are the
+    same bytes whatever the number of workers."""
     root = Path(data.root)
     existing = read_manifest(root)
     if not force and synthetic_matches(existing, data):
@@ -109,10 +124,10 @@ def prepare_synthetic(data, force: bool = False) -> dict:
     with tqdm(total=total, desc=f"synthetic {data.resolution}px", unit="img", disable=total < 2000) as bar:
         for split in SPLITS:
             with ShardWriter(root, split, data.samples_per_shard) as w:
-                for i in range(int(data.splits[split])):
-                    arr, label = synthetic.generate(data.seed, split, i, data.num_classes, data.resolution,
-                                                    recipes)
-                    w.write({"__key__": f"{split}-{i:08d}", "png": encode_image(arr, "png"),
+                n = int(data.splits[split])
+                jobs = ((int(data.seed), split, i, int(data.num_classes), int(data.resolution)) for i in range(n))
+                for i, (png, label) in enumerate(_ordered_map(_render_synthetic, jobs, workers)):
+                    w.write({"__key__": f"{split}-{i:08d}", "png": png,
                              "cls": str(label), "json": f'{{"label": {label}}}'})
                     bar.update()
             writers[split] = w

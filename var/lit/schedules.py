@@ -40,6 +40,19 @@ def lr_factor(step: int, max_steps: int, kind: str = "official", warmup_steps: i
     raise ValueError(f"unknown schedule {kind!r}")
 
 
+def warmup_steps_of(schedule: dict, max_steps: int) -> int:
+    """Warmup length of a run of ``max_steps``: ``warmup_steps`` if set, else ``warmup_fraction`` of the run
+    (official: ep/50). The training module counts it the same way."""
+    return int(schedule.get("warmup_steps") or round(schedule.get("warmup_fraction", 0.02) * max_steps))
+
+
+def wsd_branch_length(branch_step: int, warmup_steps: int, cooldown_fraction: float) -> int:
+    """Total steps ``S`` of the wsd run whose cooldown starts at ``branch_step``: a constant-LR checkpoint at
+    that step, cooled down over ``cooldown_fraction`` of S's post-warmup steps, is S's annealed endpoint."""
+    span = (branch_step - warmup_steps) / (1.0 - cooldown_fraction)
+    return warmup_steps + math.ceil(round(span, 9))  # round: 40 / 0.8 must give 50, not 51
+
+
 def is_annealed(step: int, max_steps: int, kind: str) -> bool:
     """True where the learning rate has finished its decay: the only valid points for L(N) fits."""
     if kind == "constant":

@@ -136,7 +136,7 @@ class TokenizerModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def pixel_loss(self, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        kind = self.loss_cfg.get("pixel", "l1")
+        kind = self.loss_cfg.get("pixel", "l2")
         return F.l1_loss(rec, x) if kind == "l1" else F.mse_loss(rec, x)
 
     def lr_factor(self, step: int) -> float:
@@ -312,7 +312,7 @@ class TokenizerModule(L.LightningModule):
             res[f"val/perplexity_s{i}"] = ppl[i]
         self.val_psnr.reset()
         self.val_ssim.reset()
-        self.log_dict(res, sync_dist=False)
+        self.log_dict(res, rank_zero_only=True)  # already summed over ranks
         self.val_results = {k: float(v) for k, v in res.items()} | {"step": self.global_step}
 
     # -------------------------------------------------------------------------------------- optimisers

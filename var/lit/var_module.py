@@ -20,7 +20,7 @@ from torch import nn
 
 from var.errors import TrainingDiverged
 from var.eval.test_loss import evaluate_token_loss, split_scales
-from var.lit.schedules import lr_factor, progressive_scale
+from var.lit.schedules import lr_factor, progressive_scale, warmup_steps_of
 from var.lit.token_metrics import TokenMetricSums
 from var.models.transformer import param_groups
 from var.models.zoo import VARConfig, build_var
@@ -33,7 +33,8 @@ warnings.filterwarnings("ignore", message=".*when logging on epoch level in dist
 
 class VARTrainingModule(L.LightningModule):
     def __init__(self, model: dict, quantizer: nn.Module, optim: dict, schedule: dict, loss: dict,
-                 progressive: dict | None = None, parallelism: dict | None = None, global_batch: int = 1):
+                 progressive: dict | None = None, parallelism: dict | None = None, global_batch: int = 1,
+                 speed: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["quantizer"])
         self.model_cfg = VARConfig(**{**model, "patch_nums": tuple(model["patch_nums"])})
@@ -44,11 +45,25 @@ class VARTrainingModule(L.LightningModule):
         self.progressive_cfg = dict(progressive or {})
         self.parallelism = dict(parallelism or {"kind": "none"})
         self.global_batch = global_batch
+        self.speed = dict(speed or {})
 
     # ----------------------------------------------------------------------------------- distributed
     def configure_model(self) -> None:
-        """FSDP2: shard each block, then the root (ModelParallelStrategy calls this on every rank)."""
-        if self.parallelism.get("kind") != "fsdp" or getattr(self, "_sharded", False):
+        """Activation checkpointing and torch.compile per block, then FSDP2: shard each block, then the
+        root (ModelParallelStrategy calls this on every rank). Module names stay as they are, so
+        checkpoints load into a plain model."""
+        if getattr(self, "_configured", False):
+            return
+        self._configured = True
+        ac = self.parallelism.get("activation_checkpointing", 0)
+        self.var.set_grad_checkpointing(int(ac))  # true = 1: every block
+        if self.speed.get("compile", False):
+            from torch import _dynamo  # `import torch._dynamo` here would make `torch` local to this method
+
+            # Progressive training runs up to one sequence length per scale: one graph each.
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 32)
+            self.var.compile_blocks()
+        if self.parallelism.get("kind") != "fsdp":
             return
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -61,15 +76,9 @@ class VARTrainingModule(L.LightningModule):
         kwargs = {"mesh": mesh, "reshard_after_forward": bool(self.parallelism.get("reshard_after_forward", True))}
         if mp is not None:
             kwargs["mp_policy"] = mp
-        if self.parallelism.get("activation_checkpointing", False):
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-            for i, block in enumerate(self.var.blocks):
-                self.var.blocks[i] = checkpoint_wrapper(block)
         for block in self.var.blocks:
             fully_shard(block, **kwargs)
         fully_shard(self.var, **kwargs)
-        self._sharded = True
 
     # --------------------------------------------------------------------------------------- forward
     def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
@@ -83,15 +92,22 @@ class VARTrainingModule(L.LightningModule):
         return progressive_scale(self.global_step, self.trainer.max_steps, len(self.patch_nums),
                                  cfg["fraction"], cfg.get("start_scale", 4), self._warmup_steps())
 
+    def training_loss(self, tokens: torch.Tensor, labels: torch.Tensor, prog_si: int | None) -> torch.Tensor:
+        """Mean cross-entropy over every trained token (each the same weight, as the official trainer)."""
+        x = self.teacher_forcing_input(tokens)
+        prog = -1 if prog_si is None else prog_si
+        smoothing = self.loss_cfg.get("label_smoothing", 0.0)
+        if self.speed.get("fused_head_ce", False):
+            return self.var(labels, x, prog_si=prog, target=tokens, label_smoothing=smoothing,
+                            ce_chunk_tokens=int(self.speed.get("ce_chunk_tokens", 8192)))
+        logits = self.var(labels, x, prog_si=prog)
+        target = tokens[:, : logits.shape[1]]
+        return F.cross_entropy(logits.float().transpose(1, 2), target, label_smoothing=smoothing)
+
     def training_step(self, batch, batch_idx):
         tokens, labels = batch
-        x = self.teacher_forcing_input(tokens)
         prog_si = self.prog_si()
-        logits = self.var(labels, x, prog_si=-1 if prog_si is None else prog_si)
-        target = tokens[:, : logits.shape[1]]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none",
-                             label_smoothing=self.loss_cfg.get("label_smoothing", 0.0))
-        loss = ce.mean()  # every token the same weight, as the official trainer
+        loss = self.training_loss(tokens, labels, prog_si)
         if not torch.isfinite(loss):  # checked before backward: the bad step never reaches the weights
             from var.callbacks.fault_guard import last_good_checkpoint
 
@@ -137,8 +153,7 @@ class VARTrainingModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- optimiser
     def _warmup_steps(self) -> int:
-        frac = self.schedule_cfg.get("warmup_fraction", 0.02)  # official: ep/50 of the run
-        return int(self.schedule_cfg.get("warmup_steps") or round(frac * self.trainer.max_steps))
+        return warmup_steps_of(self.schedule_cfg, self.trainer.max_steps)
 
     def peak_lr(self) -> float:
         lr = self.optim_cfg.get("lr")

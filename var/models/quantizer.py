@@ -12,6 +12,7 @@ and the running residual are too sensitive for half precision.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,29 @@ class QuantInfo:
         return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(dim=1))
 
 
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(src: int, dst: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(dst*dst, src*src): F.interpolate(mode="bicubic") from src x src to dst x dst as one linear map."""
+    basis = torch.eye(src * src, dtype=torch.float64).view(src * src, 1, src, src)
+    up = F.interpolate(basis, size=(dst, dst), mode="bicubic")  # column j = the image of basis pixel j
+    return up.view(src * src, dst * dst).t().contiguous().to(device=device, dtype=dtype)
+
+
+def bicubic_upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.interpolate(x, (size, size), mode="bicubic")`` as a matmul with the precomputed linear map.
+
+    Same result to float rounding, but one GEMM: the CUDA bicubic kernel runs a thread per *output pixel*
+    and loops over batch x channels, so at 16 x 16 outputs it took 1.6 ms per call (14 ms of every d16
+    training step at batch 64, the same again per sampled batch).
+    """
+    B, C, h, w = x.shape
+    if h != w:
+        return F.interpolate(x, size=(size, size), mode="bicubic")
+    m = _bicubic_matrix(h, size, str(x.device), x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # keep the input's precision, like F.interpolate
+        return (x.reshape(B * C, h * w) @ m.t()).view(B, C, size, size)
+
+
 class MultiScaleQuantizer(nn.Module):
     def __init__(
         self, vocab_size: int, Cvae: int, patch_nums: Sequence[int], beta: float = 0.25,
@@ -155,9 +179,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def _up_phi(self, h_BChw: torch.Tensor, si: int) -> torch.Tensor:
         """Bicubic-upsample one scale's code map to the full latent size (not at the last scale), then Phi."""
-        H = self.patch_nums[-1]
         if not self._is_last(si):
-            h_BChw = F.interpolate(h_BChw, size=(H, H), mode="bicubic")
+            h_BChw = bicubic_upsample(h_BChw, self.patch_nums[-1])
         return self.phi(si)(h_BChw.contiguous())
 
     def _residual_steps(self, f: torch.Tensor):

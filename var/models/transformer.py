@@ -29,8 +29,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from var.models.attention import SelfAttention, block_causal_bias, scale_ids
+from var.models.attention import SelfAttention, attention_mask, block_causal_bias, scale_ids
+from var.models.fused_cross_entropy import linear_cross_entropy
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -90,13 +92,19 @@ class AdaLNSelfAttn(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.shared_aln = shared_aln
+        self.grad_checkpointing = False  # recompute this block in backward instead of storing activations
         if shared_aln:
             # Per-block offset on top of the shared modulation.
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cond_BD, attn_bias, use_reentrant=False)
+        return self._forward(x, cond_BD, attn_bias)
+
+    def _forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
         if self.shared_aln:  # cond_BD is already the shared (B, 1, 6, C) modulation
             mods = (self.ada_gss + cond_BD).unbind(2)
         else:
@@ -207,27 +215,46 @@ class VAR(nn.Module):
         for b in self.blocks:
             b.attn.set_attn_impl(name)
 
+    def set_grad_checkpointing(self, every: int) -> None:
+        """Recompute every ``every``-th block in backward (1: all, 0: none): activation memory for compute."""
+        for i, b in enumerate(self.blocks):
+            b.grad_checkpointing = every > 0 and i % every == 0
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block in place (state-dict keys unchanged); all blocks share one graph."""
+        for b in self.blocks:
+            b.compile(**kwargs)
+
     def enable_kv_cache(self, enable: bool) -> None:
         """Turn the per-block KV caches on (empty) or off; call before and after each sampling run."""
         for b in self.blocks:
             b.attn.kv_caching(enable)
-
-    def _logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        dtype = self.head.weight.dtype
-        with _no_autocast(h.device):
-            logits = self.head(self.head_nm(h.to(dtype), cond_BD.to(dtype)))
-        return logits.float() if logits.element_size() < 4 else logits
 
     def _lvl_pos(self, begin: int, end: int) -> torch.Tensor:
         """(1, end-begin, C) level + absolute position embedding of tokens begin..end."""
         return self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
 
     # ------------------------------------------------------ teacher forcing
-    def forward(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, prog_si: int | None = None) -> torch.Tensor:
+    def forward(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, prog_si: int | None = None,
+                target: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                ce_chunk_tokens: int = 8192) -> torch.Tensor:
         """Logits (B, ed, V) for the first ``prog_si + 1`` scales (all scales when prog_si is -1/None).
 
         x_BLCv: (B, >= ed - first_l, Cvae) teacher-forcing input of scales 1.., extra tokens are ignored.
+        With ``target`` (B, >= ed) token indices, returns instead the mean cross-entropy over the ed tokens,
+        computed by the memory-lean fused head (no logits kept; see fused_cross_entropy.py). It goes
+        through forward so that wrappers' hooks (DDP, FSDP2) see it.
         """
+        h, cond_BD = self.hidden_states(label_B, x_BLCv, prog_si)
+        if target is None:
+            return self.head_logits(h, cond_BD)
+        feats = self.head_features(h, cond_BD)
+        return linear_cross_entropy(feats, self.head.weight, self.head.bias, target[:, : h.shape[1]],
+                                    label_smoothing, ce_chunk_tokens)
+
+    def hidden_states(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, prog_si: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream after the last block (B, ed, C), class vector cond_BD (B, C)); see forward."""
         prog_si = self.prog_si if prog_si is None else prog_si
         ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
         B = label_B.shape[0]
@@ -243,15 +270,27 @@ class VAR(nn.Module):
                 x = torch.cat((x, self.word_embed(x_in)), dim=1)
             x = x + self._lvl_pos(0, ed)
 
-        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        mask = attention_mask(self.blocks[0].attn.attn_impl, self.patch_nums, self.attn_bias_for_masking, ed)
         cond = self.shared_ada_lin(cond_BD)
         for b in self.blocks:
-            x = b(x, cond, attn_bias)
-        logits = self._logits(x, cond_BD)
+            x = b(x, cond, mask)
         if ed == self.first_l:
             # word_embed is unused at the first scale; a zero-valued touch keeps DDP's gradient sync whole.
-            logits = logits + 0 * (self.word_embed.weight[0, 0] + self.word_embed.bias[0])
-        return logits
+            x = x + 0 * (self.word_embed.weight[0, 0] + self.word_embed.bias[0])
+        return x, cond_BD
+
+    def head_features(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """The head's input: AdaLN of the final stream, in the parameter dtype (outside autocast)."""
+        dtype = self.head.weight.dtype
+        with _no_autocast(h.device):
+            return self.head_nm(h.to(dtype), cond_BD.to(dtype))
+
+    def head_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Logits (B, l, V) in fp32 of the final stream h (B, l, C)."""
+        feats = self.head_features(h, cond_BD)
+        with _no_autocast(h.device):
+            logits = self.head(feats)
+        return logits.float() if logits.element_size() < 4 else logits
 
     # ------------------------------------------------------- KV-cache path
     def forward_scale(self, cond_BD: torch.Tensor, x_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
@@ -277,7 +316,7 @@ class VAR(nn.Module):
         cond = self.shared_ada_lin(cond_BD)
         for b in self.blocks:
             x = b(x, cond, None)  # cached keys are all earlier scales: no mask needed
-        return self._logits(x, cond_BD)
+        return self.head_logits(x, cond_BD)
 
 
 # Names (substrings) of parameters that get no weight decay besides 1-D params and biases:

@@ -95,16 +95,23 @@ def pick_device(spec: str | None, local_rank: int = 0) -> torch.device:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable:
-    """A zero-argument context factory for the transformer: auto is bf16 on CUDA and fp32 elsewhere."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of task.precision (None: fp32, no autocast); auto is bf16 on CUDA, fp32 elsewhere."""
     precision = str(precision)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
-        return contextlib.nullcontext
+        return None
     if precision not in _DTYPES:
         raise ConfigError(f"task.precision={precision}: expected auto | fp32 | bf16 | fp16")
-    dtype = _DTYPES[precision]
+    return _DTYPES[precision]
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable:
+    """A zero-argument context factory for the transformer (see autocast_dtype)."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 

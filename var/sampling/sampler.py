@@ -6,8 +6,12 @@ scales. With guidance the batch is doubled, rows [0:B] with the labels and [B:2B
 (index ``num_classes``), and the logits are mixed as (1 + t) * cond - t * uncond with t = cfg * si/(K-1)
 (``linear``, the official schedule: no guidance at 1x1, full cfg at the last scale) or t = cfg (``constant``).
 
-Every random draw of image i comes from its own ``torch.Generator`` seeded with ``seeds[i]``, so an image
-depends on its (label, seed) only, not on the batch it was drawn in or its position there.
+Every random number of image i is a function of (seeds[i], token index) alone: a counter-based stream
+(SplitMix64 of the seed, then of each token's index in the pyramid; ``token_uniforms``), so an image depends on
+its (label, seed) only, not on the batch it was drawn in or its position there. Tokens are drawn by inverse
+CDF from those uniforms: one batched op per scale, no per-image loop and no host sync, which is what lets
+the per-scale steps run as CUDA graphs (graphed.py). The Gumbel smoothing option draws its noise from a
+per-image ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,56 @@ def _gumbel_mix(logits_lV: torch.Tensor, tau: float, gen: torch.Generator) -> to
     return ((logits_lV + gumbels) / tau).softmax(dim=-1)
 
 
+# ------------------------------------------------------------------------------------- randomness
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic, as uint64)."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def stream_keys(seeds: Sequence[int], device) -> torch.Tensor:
+    """(B,) int64: one stream key per image, from its seed."""
+    return mix64(torch.tensor([_signed(int(s) % (1 << 64)) for s in seeds], dtype=torch.long, device=device))
+
+
+def token_uniforms(keys: torch.Tensor, begin: int, count: int) -> torch.Tensor:
+    """(B, count) float32 in [0, 1) for tokens begin..begin+count of each image's pyramid (24-bit)."""
+    n = torch.arange(begin + 1, begin + count + 1, dtype=torch.long, device=keys.device)
+    z = mix64(keys.unsqueeze(1) + n.unsqueeze(0) * _GOLDEN)
+    return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def inverse_cdf_draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of probs (..., V) with its uniform (...): P(i) = probs_i / sum(probs).
+
+    ``right=True`` makes a zero-probability token unreachable even when u lands on a flat stretch of the CDF.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 # --------------------------------------------------------------------------------------------- core
+def _eager_scale_step(var_model, autocast: Callable) -> Callable:
+    def step(cond_BD, x, si):
+        with autocast():
+            return var_model.forward_scale(cond_BD, x, si)
+    return step
+
+
 def _check_args(var_model, labels: torch.Tensor, seeds: Sequence[int], cfg: float, cfg_schedule: str,
                 top_k: int, top_p: float, temperature: float, gumbel_smooth: float) -> None:
     if labels.ndim != 1:
@@ -76,7 +129,7 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
                gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
                forced: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                logits_out: list | None = None, guided: bool | None = None,
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+               scale_step: Callable | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The sampling loop shared by sampling and editing; see ``sample_tokens`` for the arguments.
 
     forced: per scale (source tokens (B, pn^2), keep (B, pn^2) bool): kept positions take the source's
@@ -84,6 +137,8 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
     logits_out: if a list, receives each scale's raw model logits ((2B if guided else B), pn^2, V).
     guided: run the doubled batch (default: cfg > 0). With cfg = 0 and guided=True the null rows are
       computed and weighted by 0, which must give the plain conditional result.
+    scale_step: fn(cond_BD, x, si) -> logits replacing the eager ``forward_scale`` (e.g. a
+      ``GraphedScaleSteps`` of graphed.py); it owns its cache, and ``autocast`` is then its business.
     """
     _check_args(var_model, labels, seeds, cfg, cfg_schedule, top_k, top_p, temperature, gumbel_smooth)
     device = var_model.class_emb.weight.device
@@ -93,7 +148,9 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
     guided = cfg > 0 if guided is None else guided
     B = labels.shape[0]
     labels = labels.to(device=device, dtype=torch.long)
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    keys = stream_keys(seeds, device)
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds] if gumbel_smooth > 0 else []
+    step = scale_step or _eager_scale_step(var_model, autocast)
     codebook = vqvae.quantize.embedding.weight
     states = (var_model.training, vqvae.training)
     var_model.eval()
@@ -105,8 +162,7 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
         f_hat, x, tokens = None, None, []
         for si, pn in enumerate(patch_nums):
             ratio = si / (K - 1) if K > 1 else 1.0
-            with autocast():
-                logits = var_model.forward_scale(cond_BD, x, si)
+            logits = step(cond_BD, x, si)
             if logits_out is not None:
                 logits_out.append(logits.clone())
             if guided:
@@ -116,9 +172,7 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
                 logits = logits / temperature
             logits = top_k_top_p_filter(logits, top_k, top_p)
             probs = logits.softmax(dim=-1)
-            # One draw per image with its own generator: independent of the batch around it.
-            idx = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0] for i, g in enumerate(gens)]) \
-                if B else probs.new_zeros(0, pn * pn, dtype=torch.long)
+            idx = inverse_cdf_draw(probs, token_uniforms(keys, var_model.begin_ends[si][0], pn * pn))
             h = None
             if gumbel_smooth > 0:
                 tau = max(gumbel_smooth * (1 - 0.95 * ratio), 0.005)
@@ -148,7 +202,8 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
 def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg: float = 1.5,
                   cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                   gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
-                  logits_out: list | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                  logits_out: list | None = None, scale_step: Callable | None = None,
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sample B token pyramids: (K LongTensors (B, pn^2), f_hat (B, Cvae, H, H) fp32).
 
     labels (B,): classes; ``var_model.num_classes`` means unconditional (the null class). seeds: one per
@@ -156,29 +211,40 @@ def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], 
     | ``constant``. top_k / top_p: 0 is off. temperature divides the (guided) logits. gumbel_smooth > 0:
     the official ``more_smooth`` (the returned tokens are the hard draws, f_hat is built from the soft
     mix). autocast: a zero-argument callable returning a context for the transformer's forward, e.g.
-    ``lambda: torch.autocast("cuda", torch.bfloat16)``. logits_out: see ``run_scales``.
+    ``lambda: torch.autocast("cuda", torch.bfloat16)``. logits_out, scale_step: see ``run_scales``.
     The model's train/eval mode is restored and its KV cache switched off afterwards.
     """
     return run_scales(var_model, vqvae, labels, seeds, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k,
                       top_p=top_p, temperature=temperature, gumbel_smooth=gumbel_smooth, autocast=autocast,
-                      logits_out=logits_out)
+                      logits_out=logits_out, scale_step=scale_step)
 
 
 @torch.no_grad()
-def decode_fhat(vqvae, f_hat: torch.Tensor) -> torch.Tensor:
-    """f_hat -> image (B, 3, R, R) in [0, 1], leaving the tokenizer's train/eval mode as it was."""
+def decode_fhat(vqvae, f_hat: torch.Tensor, autocast: Callable = contextlib.nullcontext,
+                channels_last: bool = False) -> torch.Tensor:
+    """f_hat -> image (B, 3, R, R) fp32 in [0, 1], leaving the tokenizer's train/eval mode as it was.
+
+    autocast / channels_last: run the decoder's convolutions in low precision / NHWC (faster on GPUs).
+    """
     was = vqvae.training
     vqvae.eval()
     try:
-        return vqvae.fhat_to_img(f_hat).add(1).mul(0.5)
+        if channels_last:
+            f_hat = f_hat.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            img = vqvae.fhat_to_img(f_hat)
+        return img.float().add(1).mul(0.5).contiguous()
     finally:
         vqvae.train(was)
 
 
-def sample_images(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], **kwargs) -> torch.Tensor:
-    """``sample_tokens`` and decode: float (B, 3, R, R) in [0, 1]."""
+def sample_images(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], decode_autocast: bool = False,
+                  channels_last: bool = False, **kwargs) -> torch.Tensor:
+    """``sample_tokens`` and decode: float (B, 3, R, R) in [0, 1]. decode_autocast: decode under the
+    sampling ``autocast`` too (the official samples under one autocast for both)."""
     _, f_hat = sample_tokens(var_model, vqvae, labels, seeds, **kwargs)
-    return decode_fhat(vqvae, f_hat)
+    ctx = kwargs.get("autocast", contextlib.nullcontext) if decode_autocast else contextlib.nullcontext
+    return decode_fhat(vqvae, f_hat, autocast=ctx, channels_last=channels_last)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

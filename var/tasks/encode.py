@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from var.checkpoints import CheckpointError
 from var.data.datamodule import ImageShardDataModule
+from var.data.image_tokens import images_to_tokens
 from var.data.shards import MANIFEST, ShardWriter, atomic_write_json, read_manifest, sha256_file, split_urls
 from var.data.tokens import VARIANTS, token_sample
 from var.errors import ConfigError, DataError
@@ -74,7 +74,7 @@ def load_checked(cfg: DictConfig, path: Path, device: torch.device):
 def encode_split(model, dm: ImageShardDataModule, split: str, out: Path, variants: list[int], rank: int,
                  world: int, device: torch.device, samples_per_shard: int) -> int:
     """Write this rank's share of ``split``; returns the number of source images encoded."""
-    loader = DataLoader(dm.eval_pipeline(split), batch_size=None, num_workers=dm.num_workers)
+    loader = dm._loader(dm.eval_pipeline(split))  # skips and counts corrupt images, fails past the limit
     total = math.ceil(dm.split_size(split) / world)
     n = 0
     with ShardWriter(out, f"{split}-r{rank:03d}", samples_per_shard) as writer, \
@@ -83,7 +83,7 @@ def encode_split(model, dm: ImageShardDataModule, split: str, out: Path, variant
             x = x.to(device)
             # The flip is explicit (width axis), never the datamodule's random train augmentation.
             views = torch.cat([torch.flip(x, dims=[3]) if v else x for v in variants])
-            tokens = torch.cat(model.img_to_idxBl(views), dim=1).cpu().numpy()
+            tokens = images_to_tokens(model, views).cpu().numpy()
             B = len(keys)
             for i, key in enumerate(keys):
                 for j, v in enumerate(variants):
@@ -94,17 +94,26 @@ def encode_split(model, dm: ImageShardDataModule, split: str, out: Path, variant
 
 
 def _tar_keys(path: Path | str) -> list[str]:
-    """Sample keys of a tar shard from its member names only (no payload is read)."""
-    with tarfile.open(path, "r") as tar:
-        names = [m.name.partition(".")[0] for m in tar if m.isfile()]
+    """Sample keys of a tar shard from its member names only (no payload is read).
+
+    A truncated shard gives the keys before the damage; the encoder counted what it lost."""
+    names = []
+    try:
+        with tarfile.open(path, "r") as tar:
+            names += [m.name.partition(".")[0] for m in tar if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError):
+        pass
     return [k for i, k in enumerate(names) if i == 0 or names[i - 1] != k]
 
 
-def check_complete(out: Path, src_root: str, src_manifest: dict, split: str, variants: list[int]) -> dict:
-    """Prove every source key of ``split`` appears exactly once per variant; return the split's manifest entry."""
+def check_complete(out: Path, src_root: str, src_manifest: dict, split: str, variants: list[int],
+                   skipped: int = 0) -> dict:
+    """Prove every source key of ``split`` appears exactly once per variant, but for at most ``skipped``
+    images the reader skipped as corrupt (each then has no variant); return the split's manifest entry."""
     source = [k for url in split_urls(src_root, split, src_manifest) for k in _tar_keys(url)]
     expected_count = int(src_manifest["splits"][split]["count"])
-    if len(source) != expected_count or len(set(source)) != len(source):
+    lost = expected_count - len(source)  # keys past the damage of a truncated source shard
+    if not 0 <= lost <= skipped or len(set(source)) != len(source):
         raise DataError(f"source dataset {src_root} split {split}: {len(source)} samples ({len(set(source))} "
                         f"distinct) but its manifest says {expected_count}; re-run task=prepare")
     shards = sorted(out.glob(f"{split}-r*.tar"))
@@ -112,11 +121,14 @@ def check_complete(out: Path, src_root: str, src_manifest: dict, split: str, var
     want = {f"{k}_v{v}" for k in source for v in variants}
     missing, extra = want - seen.keys(), seen.keys() - want
     dups = [k for k, c in seen.items() if c > 1]
-    if missing or extra or dups:
+    unread = {k.rsplit("_v", 1)[0] for k in missing}
+    whole = all(f"{k}_v{v}" in missing for k in unread for v in variants)
+    if extra or dups or not whole or len(unread) + lost > skipped:
         example = next(iter(missing or extra or dups))
         raise DataError(f"token cache {out} split {split} is incomplete: {len(missing)} missing, {len(extra)} "
                         f"unexpected, {len(dups)} duplicated samples (e.g. {example}); re-run with task.force=true")
-    return {"count": sum(seen.values()), "images": len(source), "shards": [s.name for s in shards],
+    return {"count": sum(seen.values()), "images": len(source) - len(unread), "skipped": len(unread) + lost,
+            "shards": [s.name for s in shards], "shard_counts": [len(_tar_keys(s)) for s in shards],
             "sha256": [sha256_file(s) for s in shards]}
 
 
@@ -128,10 +140,12 @@ def _clear(out: Path) -> None:
             p.unlink()
 
 
-def _up_to_date(old: dict | None, src: dict, tok: dict, variants: list[int], splits: list[str]) -> bool:
+def _up_to_date(old: dict | None, src: dict, tok: dict, variants: list[int], splits: list[str],
+                patch_nums: list[int]) -> bool:
     return (old is not None and old.get("kind") == "token_shards"
             and old.get("source", {}).get("fingerprint") == src.get("fingerprint")
             and old.get("tokenizer", {}).get("sha256") == tok["sha256"]
+            and old.get("patch_nums") == patch_nums  # the released weights serve several schedules
             and old.get("variants") == [VARIANTS[v] for v in variants]
             and set(splits) <= set(old.get("splits", {})))
 
@@ -164,7 +178,7 @@ def run(cfg: DictConfig) -> dict:
     tok = tokenizer_id(path)
     out = Path(task.out)
     old = read_manifest(out)
-    if not task.force and _up_to_date(old, src, tok, variants, splits):
+    if not task.force and _up_to_date(old, src, tok, variants, splits, list(cfg.tokenizer.patch_nums)):
         print(f"found token cache {out} made from this data by this tokenizer; skipping (task.force=true re-encodes)")
         return old
 
@@ -179,10 +193,11 @@ def run(cfg: DictConfig) -> dict:
     dm.setup()
     for split in splits:
         encode_split(model, dm, split, out, variants, rank, world, fabric.device, int(task.samples_per_shard))
+    faults = dm.fault_summary()  # summed over ranks: every rank takes part
     fabric.barrier()
     manifest = None
     if rank == 0:
-        manifest = write_manifest(cfg, out, src, splits, variants, model, tok)
+        manifest = write_manifest(cfg, out, src, splits, variants, model, tok, faults)
         counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
         print(f"token cache written to {out}: {counts} samples ({len(variants)} per image), "
               f"{manifest['seq_len']} tokens each")
@@ -191,8 +206,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def write_manifest(cfg: DictConfig, out: Path, src: dict, splits: list[str], variants: list[int], model,
-                   tok: dict) -> dict:
-    entries = {s: check_complete(out, cfg.data.root, src, s, variants) for s in splits}
+                   tok: dict, faults: dict | None = None) -> dict:
+    skipped = {s: v["skipped"] for s, v in (faults or {}).get("splits", {}).items()}
+    entries = {s: check_complete(out, cfg.data.root, src, s, variants, skipped.get(s, 0)) for s in splits}
     fp = hashlib.sha256(tok["sha256"].encode())
     for s in sorted(entries):
         for digest in entries[s]["sha256"]:
@@ -212,6 +228,7 @@ def write_manifest(cfg: DictConfig, out: Path, src: dict, splits: list[str], var
                       "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(c).items()}},
         "splits": entries,
         "fingerprint": fp.hexdigest()[:16],
+        "data_faults": faults,  # corrupt source images skipped while encoding
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest

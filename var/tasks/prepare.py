@@ -17,7 +17,7 @@ def run(cfg: DictConfig) -> dict:
     data, task = cfg.data, cfg.task
     if data.name == "synthetic":
         reused = not task.get("force", False) and synthetic_matches(read_manifest(data.root), data)
-        manifest = prepare_synthetic(data, force=task.get("force", False))
+        manifest = prepare_synthetic(data, force=task.get("force", False), workers=int(task.get("workers", 1)))
         print(f"{'found' if reused else 'generated'} synthetic dataset at {data.root}")
     elif data.name == "imagefolder":
         manifest = convert_imagefolder(data, workers=int(task.get("workers", 1)))

@@ -9,7 +9,6 @@ An interrupted run resumes from its last Lightning checkpoint (run directories a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -23,6 +22,7 @@ from var.checkpoints import CheckpointError, safe_load
 from var.data.datamodule import ImageShardDataModule
 from var.data.shards import read_manifest
 from var.errors import ConfigError, DataError
+from var.loggers import build_loggers
 from var.models.vqvae import VQVAEConfig
 
 # Task keys that do not change the trained weights; they stay out of the "same settings?" check.
@@ -50,17 +50,6 @@ def default_tokenizer_path(cfg: DictConfig) -> str:
     return f"{cfg.paths.runs_dir}/tokenizer/{cfg.data.name}_r{cfg.data.resolution}_{cfg.tokenizer.preset}.pt"
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
-        kwargs = {}
-        if name == "wandb" and node.get("id") is None:
-            # Derived from the run directory, so a requeued run resumes the same W&B run.
-            kwargs["id"] = hashlib.sha1(str(Path(cfg.paths.output_dir).resolve()).encode()).hexdigest()[:16]
-        loggers.append(hydra.utils.instantiate(node, **kwargs))
-    return loggers
-
-
 def build_trainer(cfg: DictConfig, max_steps: int, val_every: int) -> L.Trainer:
     """Lightning Trainer from cfg.trainer, with the strategy from its `parallelism` node.
 
@@ -84,11 +73,14 @@ def build_trainer(cfg: DictConfig, max_steps: int, val_every: int) -> L.Trainer:
         raise ConfigError("trainer=fsdp: the tokenizer is small and trains data-parallel; use trainer=ddp")
     else:
         strategy = "auto"
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
                  if loggers or name != "lr_monitor"]  # the LR monitor refuses a trainer without loggers
     t.update(max_steps=max_steps, val_check_interval=min(val_every, max_steps), check_val_every_n_epoch=None)
-    return hydra.utils.instantiate(t, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+    from var.lit.checkpoint_io import AtomicCheckpointIO  # checkpoints written beside the target, renamed
+
+    return hydra.utils.instantiate(t, strategy=strategy, callbacks=callbacks, logger=loggers or False,
+                                   plugins=[AtomicCheckpointIO()])
 
 
 # ------------------------------------------------------------------------------------------------ task
@@ -147,6 +139,7 @@ def run(cfg: DictConfig) -> dict:
               f"task=encode uses them; set tokenizer.released=null to train this architecture instead.")
         return {"tokenizer": str(tok.released), "skipped": True}
     vq = vqvae_config(tok)
+    check_choices(task)
     manifest = read_manifest(data.root)
     if manifest is None:
         raise DataError(f"no dataset at {data.root} (manifest.json missing): run `python run.py task=prepare` "
@@ -173,24 +166,40 @@ def run(cfg: DictConfig) -> dict:
     if resume:
         print(f"resuming from {resume}")
     start = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     if module.val_results.get("step") != trainer.global_step:  # the last interval did not end on a val
         trainer.validate(module, datamodule=dm, verbose=False)
     seconds = time.time() - start
     res = module.val_results
+    faults = dm.fault_summary()  # corrupt samples skipped, summed over ranks: every rank takes part
     if trainer.is_global_zero:
         from var.tokenizer_file import save_tokenizer
 
         meta = {"preset": tok.preset, "training_key": key, "steps": int(trainer.global_step),
-                "val": res, "data_root": str(data.root), "run_dir": str(run_dir)}
+                "val": res, "data_root": str(data.root), "run_dir": str(run_dir), "data_faults": faults}
         save_tokenizer(run_dir / "tokenizer.pt", module.vqvae, meta)
         save_tokenizer(out, module.vqvae, meta)
         _print_summary(module, res, seconds, out, run_dir)
+        if faults["skipped"]:
+            print(f"  skipped {faults['skipped']} of {faults['seen']} samples read as corrupt "
+                  f"({', '.join(f'{k} {n}' for k, n in faults['by_kind'].items())})")
     hist = module.loss_history
     k = max(1, min(10, len(hist) // 4))
     return {"tokenizer": str(out), "skipped": False, "val": res, "seconds": seconds,
             "loss_start": sum(hist[:k]) / k if hist else math.nan,
-            "loss_end": sum(hist[-k:]) / k if hist else math.nan, "reseeded": module.reseeded}
+            "loss_end": sum(hist[-k:]) / k if hist else math.nan, "reseeded": module.reseeded,
+            "data_faults": faults}
+
+
+def check_choices(task: DictConfig) -> None:
+    for key, allowed in (("loss.pixel", ("l1", "l2")), ("optim.schedule", ("constant", "cosine")),
+                         ("disc.norm", ("group", "batch"))):
+        value = OmegaConf.select(task, key)
+        if value not in allowed:
+            raise ConfigError(f"task.{key}={value}: expected {' or '.join(allowed)}")
+    for key in ("max_steps", "val_every_n_steps"):
+        if int(task[key]) < 1:
+            raise ConfigError(f"task.{key}={task[key]}: must be > 0")
 
 
 def _make_module(cfg: DictConfig, vq: VQVAEConfig, run_dir: Path):

@@ -1,0 +1,80 @@
+"""Shared pieces of the GPU benchmarks: the official 256 px configuration, the environment stamp, the
+matmul ceiling, and running each measurement in a fresh process (clean memory, an OOM is one result)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from var.models.vqvae import PRESETS, VQVAE
+from var.models.zoo import VARConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The official ImageNet 256 setting: 1000 classes, 10 scales (680 tokens), V 4096, Cvae 32.
+OFFICIAL = dict(num_classes=1000, vocab_size=4096, cvae=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+
+
+def var_config(depth: int, attn_impl: str = "sdpa") -> VARConfig:
+    return VARConfig(depth=depth, attn_impl=attn_impl, **OFFICIAL)
+
+
+def official_vqvae(device) -> VQVAE:
+    """The released tokenizer's architecture with random weights (timing does not depend on them)."""
+    return VQVAE(PRESETS["vae_ch160v4096z32"]).to(device).eval()
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True)
+    return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "commit": (commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")}
+
+
+def matmul_ceiling(n: int = 8192, iters: int = 50) -> float:
+    """Measured dense bf16 matmul FLOP/s (the MFU denominator the reference table uses)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t)
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def run_points(module: str, points: list[list[str]], out: str | None, timeout: int) -> list[dict]:
+    """Run ``python -m module --one ARGS`` per point in a fresh process; collect the JSON lines it prints."""
+    results = []
+    for args in points:
+        cmd = [sys.executable, "-m", module, "--one", *args]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                                 env=os.environ.copy())
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            if res.returncode != 0 or not lines:
+                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+                lines = [json.dumps({"args": args, "error": tail[0][:300]})]
+        except subprocess.TimeoutExpired:
+            lines = [json.dumps({"args": args, "error": f"timed out after {timeout} s"})]
+        for ln in lines:
+            print(ln, flush=True)
+            results.append(json.loads(ln))
+            if out:
+                with open(out, "a") as f:
+                    f.write(ln + "\n")
+    return results

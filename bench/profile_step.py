@@ -1,0 +1,62 @@
+"""Where the time goes: torch.profiler over a few training steps or sampling batches, top CUDA kernels.
+
+    python -m bench.profile_step train --depth 16 --batch 64 --variant fast
+    python -m bench.profile_step sample --depth 16 --batch 64 --variant fast
+
+Prints the kernel table (by self CUDA time) and a coarse split by kernel family. Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+FAMILIES = [("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"), ("attention", r"flash|fmha|flex|attention"),
+            ("conv", r"conv|implicit|winograd|cudnn"), ("sort/topk", r"sort|topk|radix|select"),
+            ("optimizer", r"adam|multi_tensor|foreach"), ("triton", r"triton"), ("norm", r"norm"),
+            ("copy/cast", r"copy|cast|convert"), ("reduce", r"reduce"), ("elementwise", r"elementwise|vectorized")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["train", "sample"])
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--variant", default="fast")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=30)
+    a = ap.parse_args()
+    if a.what == "train":
+        from bench.train_throughput import setup
+
+        _, fn = setup(a.depth, a.batch, a.variant)
+    else:
+        from bench.sample_speed import setup
+
+        once, _ = setup(a.depth, a.batch, a.variant)
+        fn = lambda: once(0)  # noqa: E731
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.iters):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    fam = defaultdict(float)
+    for e in events:
+        name = next((f for f, pat in FAMILIES if re.search(pat, e.key, re.I)), "other")
+        fam[name] += e.self_device_time_total
+    print(f"{a.what} d{a.depth} b{a.batch} {a.variant}: GPU busy {total / 1e3 / a.iters:.1f} ms per iteration")
+    for name, t in sorted(fam.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:12s} {t / 1e3 / a.iters:8.2f} ms  {100 * t / total:5.1f}%")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()

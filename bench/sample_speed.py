@@ -1,0 +1,95 @@
+"""Sampling speed on one GPU: s/img and img/s per depth and batch, VQVAE decoding included, peak memory.
+
+The reference setting: CFG 1.5 (linear schedule), top-k 900, top-p 0.96, 256 px (680 tokens), random
+weights of the official architectures (d16..d30 and the released tokenizer's), bf16 autocast. The timed
+span starts with class labels on the GPU and ends with float images in [0, 1] on the GPU.
+
+    python -m bench.sample_speed --depths 16 20 24 30 --batches 1 64 --variants plain fast --out s.jsonl
+    python -m bench.sample_speed --one --depth 16 --batch 64 --variant fast
+
+Variants: plain (eager per-scale steps with a growing KV cache, decoder in fp32) and fast (each scale a
+CUDA graph over a preallocated cache, head matmul in TF32; decoder compiled, bf16, channels-last). Never
+run in CI. One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import emit, environment, official_vqvae, run_points, var_config
+from var.models.zoo import build_var
+from var.sampling.graphed import GraphedScaleSteps
+from var.sampling.sampler import sample_images
+
+SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
+
+
+def setup(depth: int, batch: int, variant: str):
+    """(once, setup seconds): ``once(i)`` samples and decodes batch i (seeds i*batch ...)."""
+    torch.manual_seed(0)
+    var = build_var(var_config(depth)).cuda().eval()
+    vqvae = official_vqvae("cuda")
+    fast = variant == "fast"
+    if fast:
+        vqvae = vqvae.to(memory_format=torch.channels_last)
+        vqvae.decoder.compile(dynamic=False)  # fuses GroupNorm/SiLU/casts around cuDNN convolutions
+    auto = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    t0 = time.perf_counter()
+    steps = GraphedScaleSteps(var, rows=2 * batch) if fast else None
+    torch.cuda.synchronize()
+    setup_s = time.perf_counter() - t0
+    kw = dict(SETTINGS, autocast=auto, scale_step=steps, decode_autocast=fast, channels_last=fast)
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def once(i: int) -> torch.Tensor:
+        return sample_images(var, vqvae, labels, list(range(i * batch, (i + 1) * batch)), **kw)
+
+    return once, setup_s
+
+
+def measure(depth: int, batch: int, variant: str, reps: int) -> dict:
+    once, setup_s = setup(depth, batch, variant)
+    for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
+        once(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for i in range(reps):
+        img = once(i + 2)
+    torch.cuda.synchronize()
+    per_batch = (time.perf_counter() - t) / reps
+    assert img.shape == (batch, 3, 256, 256) and torch.isfinite(img).all()
+    return {
+        "bench": "sample", "depth": depth, "batch": batch, "variant": variant, **SETTINGS,
+        "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
+        "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", action="store_true")
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--variant", default="fast", choices=["plain", "fast"])
+    ap.add_argument("--depths", type=int, nargs="+", default=[16, 20, 24, 30])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--variants", nargs="+", default=["plain", "fast"])
+    ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: 10 at batch 1, 3 above)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--timeout", type=int, default=300)
+    a = ap.parse_args()
+    if a.one:
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3)))
+        return
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps)]
+              for d in a.depths for b in a.batches for v in a.variants]
+    run_points("bench.sample_speed", points, a.out, a.timeout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Training throughput of the VAR transformer on one GPU: img/s, tokens/s, TFLOP/s, MFU, peak memory.
+
+One step is what ``VARTrainingModule`` runs (teacher-forcing input from the frozen quantizer, the loss
+of ``training_loss``), then global-norm clipping at 2.0 and a fused AdamW step, under bf16 autocast; the
+Lightning loop around it is left out. Random weights and tokens at the official 256 px setting (680
+tokens per image). FLOPs: the ``official_mfu`` convention of var/models/flops.py (the reference's).
+
+    python -m bench.train_throughput --depths 16 20 --batches 64 --variants plain fast --out t.jsonl
+    python -m bench.train_throughput --one --depth 16 --batch 64 --variant fast     # one point
+
+Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
+blocks + fused head CE), fast_flex (the same with FlexAttention), and the ablations flex_only,
+compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
+Never run in CI (needs a GPU). One JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from bench.common import emit, environment, matmul_ceiling, official_vqvae, run_points, var_config
+from var.lit.var_module import VARTrainingModule
+from var.models.flops import flops_per_image, param_counts
+from var.models.peak_flops import peak_flops
+from var.models.transformer import param_groups
+
+VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce)
+    "plain": ("sdpa", False, False),
+    "fast": ("scalewise", True, True),
+    "fast_flex": ("flex", True, True),
+    "flex_only": ("flex", False, False),
+    "compile_sdpa": ("sdpa", True, True),
+    "fused_only": ("sdpa", False, True),
+}
+
+
+def setup(depth: int, batch: int, variant: str, ac: int = 0):
+    """(config, step): one training step as ``step()`` -> detached loss."""
+    attn, compile_, fused = VARIANTS[variant]
+    cfg = var_config(depth, attn)
+    quantizer = official_vqvae("cuda").quantize
+    module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
+                               parallelism={"kind": "none", "activation_checkpointing": ac},
+                               speed={"compile": compile_, "fused_head_ce": fused}).cuda()
+    module.configure_model()
+    module.var.train()
+    opt = torch.optim.AdamW(param_groups(module.var, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    params = [p for p in module.var.parameters() if p.requires_grad]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda", generator=g)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_loss(tokens, labels, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return cfg, step
+
+
+def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float) -> dict:
+    attn, compile_, fused = VARIANTS[variant]
+    cfg, step = setup(depth, batch, variant, ac)
+    t0 = time.perf_counter()
+    first = step()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0  # includes compilation
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        last = step()
+    end.record()
+    torch.cuda.synchronize()
+    step_s = start.elapsed_time(end) / 1e3 / steps
+    flops_img = flops_per_image(cfg)["official_mfu"]
+    img_s = batch / step_s
+    datasheet = peak_flops("bf16")
+    return {
+        "bench": "train", "depth": depth, "batch": batch, "variant": variant, "attn_impl": attn,
+        "compile": compile_, "fused_head_ce": fused, "activation_checkpointing": ac,
+        "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
+        "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
+        "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),
+        "mfu_vs_datasheet": round(img_s * flops_img / datasheet, 4) if datasheet else None,
+        "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "first_step_s": round(first_s, 1), "loss_first": round(first.item(), 4), "loss_last": round(last.item(), 4),
+        **environment(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", action="store_true", help="measure one point in this process")
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
+    ap.add_argument("--depths", type=int, nargs="+", default=[16, 20])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64])
+    ap.add_argument("--variants", nargs="+", default=["plain", "fast"])
+    ap.add_argument("--ac", type=int, default=0, help="checkpoint every K-th block (0: off)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--ceiling", type=float, default=None, help="matmul FLOP/s (default: measure)")
+    ap.add_argument("--out", default=None, help="append the JSON lines here too")
+    ap.add_argument("--timeout", type=int, default=420)
+    a = ap.parse_args()
+    ceiling = a.ceiling or matmul_ceiling()
+    if a.one:
+        emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling))
+        return
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--ac", str(a.ac), "--steps", str(a.steps),
+               "--warmup", str(a.warmup), "--ceiling", str(ceiling)]
+              for d in a.depths for b in a.batches for v in a.variants]
+    run_points("bench.train_throughput", points, a.out, a.timeout)
+
+
+if __name__ == "__main__":
+    main()
