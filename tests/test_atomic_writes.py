@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.test_checkpoints import _RunsCode
 from var.checkpoints import CheckpointError
 from var.lit import checkpoint_io
 from var.lit.checkpoint_io import AtomicCheckpointIO, check_shard_metadata, promote, resume_checkpoint
@@ -134,14 +135,6 @@ def test_a_kill_between_the_two_renames_of_a_folder_swap_resumes_from_the_previo
     promote(_folder(tmp_path / "last.ckpt.tmp2", 3), tmp_path / "last.ckpt")  # the next save cleans up
     assert resume_checkpoint(tmp_path) == tmp_path / "last.ckpt"
     assert not (tmp_path / "last.ckpt.old").exists()
-
-
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):

@@ -241,6 +241,16 @@ def device_count(cfg: DictConfig) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def world_size(cfg: DictConfig) -> int:
+    """Processes of a run: trainer.devices x trainer.num_nodes, with -1 / auto counting this node's GPUs."""
+    n = device_count(cfg)
+    if n is None:
+        import torch
+
+        n = torch.cuda.device_count() if OmegaConf.select(cfg, "trainer.accelerator") == "gpu" else 1
+    return max(n, 1) * int(OmegaConf.select(cfg, "trainer.num_nodes") or 1)
+
+
 def _validate_trainer(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "trainer") is None:
         return

@@ -118,7 +118,7 @@ def prepare_synthetic(data, force: bool = False, workers: int = 1) -> dict:
         return existing
     root.mkdir(parents=True, exist_ok=True)
     _clear(root)
-    recipes = synthetic.class_recipes(data.num_classes)
+    recipes = _recipes(int(data.num_classes))
     writers = {}
     total = sum(int(data.splits[s]) for s in SPLITS)
     with tqdm(total=total, desc=f"synthetic {data.resolution}px", unit="img", disable=total < 2000) as bar:

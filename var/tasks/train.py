@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from var.callbacks.fault_guard import NonFiniteGuard, PreemptionHandler
@@ -24,6 +23,7 @@ from var.callbacks.scaling_record import ScalingRecordCallback
 from var.callbacks.throughput import ThroughputCallback
 from var.callbacks.training_rng import TrainingRNG
 from var.checkpoints import CheckpointError
+from var.config import world_size
 from var.data.tokens import TokenDataModule
 from var.errors import ConfigError
 from var.lit.checkpoint_io import AtomicCheckpointIO, resume_checkpoint
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
-
-
-def world_size_of(trainer_cfg: DictConfig) -> int:
-    devices = trainer_cfg.get("devices", 1)
-    if devices in (-1, "auto"):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") == "gpu" else 1
-    n = len(devices) if isinstance(devices, list | tuple) or OmegaConf.is_list(devices) else int(devices)
-    return max(n, 1) * int(trainer_cfg.get("num_nodes", 1))
 
 
 def build_strategy(parallelism: dict, world: int):
@@ -95,11 +87,11 @@ def relaunch_as_single_run(cfg: DictConfig, run_dir: Path) -> dict | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    if world_size_of(cfg.trainer) <= 1 or launched_externally():
+    if world_size(cfg) <= 1 or launched_externally():
         return None
     overrides = [o for o in HydraConfig.get().overrides.task]
     cmd = [sys.executable, os.path.abspath(sys.argv[0]), *overrides, "hydra.mode=RUN", f"hydra.run.dir='{run_dir}'"]
-    print(f"{run_dir.name}: {world_size_of(cfg.trainer)} local processes, launched as a single run")
+    print(f"{run_dir.name}: {world_size(cfg)} local processes, launched as a single run")
     proc = subprocess.run(cmd, check=False)
     record = read_record(run_dir / "record.json")
     if record is None or (proc.returncode != 0 and record.get("status") != "failed"):
@@ -152,7 +144,7 @@ def mark_failed(run_dir: Path, error: BaseException) -> None:
 def train(cfg: DictConfig, run_dir: Path, branch: dict | None = None) -> dict:
     """One run; ``branch`` (from run_branches) makes it a cooldown branch starting from the main checkpoint."""
     task = cfg.task
-    world = world_size_of(cfg.trainer)
+    world = world_size(cfg)
     if task.batch_size % world:
         raise ConfigError(f"task.batch_size={task.batch_size}: not divisible by the {world} devices")
     import lightning as L

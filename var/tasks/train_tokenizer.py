@@ -19,6 +19,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from var.checkpoints import CheckpointError, safe_load
+from var.config import world_size
 from var.data.datamodule import ImageShardDataModule
 from var.data.shards import read_manifest
 from var.errors import ConfigError, DataError
@@ -96,18 +97,6 @@ def global_batch(cfg: DictConfig) -> int:
     return int(cfg.task.get("batch_size") or cfg.data.batch_size)
 
 
-def world_size(trainer: DictConfig) -> int:
-    if (trainer.get("parallelism") or {}).get("kind", "none") == "none":
-        return 1
-    devices = trainer.get("devices", 1)
-    if devices in (-1, "auto"):
-        import torch
-
-        devices = torch.cuda.device_count() if trainer.get("accelerator") == "gpu" else 1
-    n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list | tuple) else int(devices)
-    return max(n, 1) * int(trainer.get("num_nodes", 1))
-
-
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -156,7 +145,8 @@ def run(cfg: DictConfig) -> dict:
         module = _make_module(cfg, vq, run_dir)
     except CheckpointError as e:  # the LPIPS weights are missing or unusable
         raise DataError(f"task.lpips_weights={task.lpips_weights}: {e}") from None
-    batch, world = global_batch(cfg), world_size(cfg.trainer)
+    parallel = (cfg.trainer.get("parallelism") or {}).get("kind", "none") != "none"
+    batch, world = global_batch(cfg), world_size(cfg) if parallel else 1
     if batch % world:
         raise ConfigError(f"task.batch_size={batch}: not divisible by the {world} devices")
     dm = ImageShardDataModule(**{**OmegaConf.to_container(data, resolve=True), "batch_size": batch // world})
