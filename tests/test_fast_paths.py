@@ -154,6 +154,25 @@ def test_compiled_blocks_keep_state_dict_keys_and_outputs():
     assert list(m.state_dict()) == keys  # checkpoints of compiled runs load into plain models
 
 
+def test_compiled_blocks_share_graphs_whatever_the_depth():
+    """Each block has its own drop-path rate; were the rate a compile-time constant, every block would
+    compile a graph of its own (d30: 30 compilations, and past the recompile limit the rest run eager).
+    Depth 12 in training mode (drop path on): the blocks share at most 3 graphs (the first block has no
+    drop path; the second specialises on its rate, the third makes it dynamic)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = build_var(VARConfig(depth=12, num_classes=10, patch_nums=PN4, vocab_size=64, cvae=8)).train()
+    assert len({b.drop_path.p for b in m.blocks[1:]}) == 11
+    m.compile_blocks(backend="eager")
+    labels, x = torch.randint(0, 10, (2,)), torch.randn(2, m.L - 1, 8)
+    for _ in range(2):
+        m(labels, x).mean().backward()
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["recompiles"])
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_compiled_blocks_equal_plain():
     m = tiny(patch_nums=PN4).float()

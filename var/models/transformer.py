@@ -55,8 +55,10 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        # rand < keep rather than bernoulli_(keep): the latter makes torch.compile specialise on p, and the
+        # blocks (each with its own p) would then recompile one by one until the recompile limit.
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+        return x * (mask.to(x.dtype) / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
