@@ -7,6 +7,10 @@ tokens per image). FLOPs: the ``official_mfu`` convention of var/models/flops.py
 
     python -m bench.train_throughput --depths 16 20 --batches 64 --variants plain fast --out t.jsonl
     python -m bench.train_throughput --one --depth 16 --batch 64 --variant fast     # one point
+    python -m bench.train_throughput --table --variants fast --out t.jsonl         # the reference table
+
+``--table`` measures the reference's (depth, batch) pairs; a point that runs out of memory is measured
+again with activation checkpointing on every 2nd, then every block (``--ac K`` sets it from the start).
 
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
 blocks + fused head CE), fast_flex (the same with FlexAttention), and the ablations flex_only,
@@ -102,13 +106,39 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     }
 
 
+# The reference table's (depth, batch) pairs: the official code runs out of memory at d24/48 and d30/32.
+REFERENCE_BATCHES = {16: 64, 20: 64, 24: 48, 30: 32}
+
+
+def out_of_memory(result: dict) -> bool:
+    return "out of memory" in result.get("error", "").lower()
+
+
+def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float) -> list[str]:
+    return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling)]
+
+
+def run_table(a, ceiling: float) -> None:
+    """Every reference point per variant, the cheap ones first; on OOM, more activation checkpointing."""
+    for depth in a.depths:
+        for variant in a.variants:
+            for ac in [a.ac] + [k for k in (2, 1) if a.ac == 0 or k < a.ac]:
+                (result,) = run_points("bench.train_throughput",
+                                       [point_args(depth, REFERENCE_BATCHES[depth], variant, ac, a, ceiling)],
+                                       a.out, a.timeout)
+                if not out_of_memory(result):
+                    break
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", action="store_true", help="measure one point in this process")
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
-    ap.add_argument("--depths", type=int, nargs="+", default=[16, 20])
+    ap.add_argument("--table", action="store_true", help="the reference (depth, batch) pairs, see above")
+    ap.add_argument("--depths", type=int, nargs="+", default=None, help="default: 16 20 (--table: 16 20 24 30)")
     ap.add_argument("--batches", type=int, nargs="+", default=[64])
     ap.add_argument("--variants", nargs="+", default=["plain", "fast"])
     ap.add_argument("--ac", type=int, default=0, help="checkpoint every K-th block (0: off)")
@@ -122,9 +152,15 @@ def main() -> None:
     if a.one:
         emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling))
         return
-    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--ac", str(a.ac), "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--ceiling", str(ceiling)]
-              for d in a.depths for b in a.batches for v in a.variants]
+    if a.table:
+        a.depths = a.depths or list(REFERENCE_BATCHES)
+        unknown = sorted(set(a.depths) - set(REFERENCE_BATCHES))
+        if unknown:
+            raise SystemExit(f"--table knows depths {sorted(REFERENCE_BATCHES)}, not {unknown}")
+        run_table(a, ceiling)
+        return
+    points = [point_args(d, b, v, a.ac, a, ceiling) for d in (a.depths or [16, 20]) for b in a.batches
+              for v in a.variants]
     run_points("bench.train_throughput", points, a.out, a.timeout)
 
 
