@@ -27,20 +27,48 @@ def tokenizer_file(tmp_path_factory):
     return random_tokenizer(tmp_path_factory.mktemp("imgtok") / "tok.pt")
 
 
-def test_a_short_run_from_images_lowers_the_loss_and_writes_a_complete_record(small_dataset, tokenizer_file,
-                                                                             tmp_path):
+@pytest.fixture(scope="module")
+def image_run(small_dataset, tokenizer_file, tmp_path_factory):
+    """60 steps from the images, with checkpoints (last.ckpt at step 60)."""
+    from var.tasks import train
+
     _, root = small_dataset
-    record, _ = run_train(tmp_path, tmp_path / "no_cache", steps=60, extra=image_extra(root, tokenizer_file))
+    tmp = tmp_path_factory.mktemp("imgrun")
+    overrides = [o for o in train_overrides(tmp / "no_cache", steps=60, extra=image_extra(root, tokenizer_file))
+                 if o != "callbacks=none"]
+    cfg = resolved(compose_cfg([*overrides, "callbacks.checkpoint.every_n_train_steps=30"], root=tmp))
+    cfg.paths.output_dir = str(tmp / "run")
+    cfg.callbacks.checkpoint.dirpath = str(tmp / "run" / "checkpoints")
+    torch.manual_seed(0)
+    return tmp / "run", train.run(cfg)
+
+
+def test_a_short_run_from_images_lowers_the_loss_and_writes_a_complete_record(small_dataset, tokenizer_file,
+                                                                             image_run):
+    _, root = small_dataset
+    run_dir, record = image_run
     assert record["status"] == "complete" and record["error"] is None
     evals = record["evals"]
     assert evals[-1]["L_mean"] < evals[0]["L_mean"] - 0.1
-    on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
+    on_disk = json.loads((run_dir / "record.json").read_text())
     src = on_disk["tokens_source"]
     assert src["kind"] == "images" and src["root"] == str(root) and src["tokenizer"]["path"] == str(tokenizer_file)
     assert on_disk["config"]["task"]["tokenizer_path"] == str(tokenizer_file)  # sampling finds it there
     final = on_disk["final"]
     assert final["step"] == 60 and final["n_images"] == 60 and len(final["per_scale_loss"]) == 4
     assert on_disk["progress"]["tokens_seen"] == 60 * 32 * 30
+
+
+def test_evaluate_gives_the_test_loss_training_logged_without_a_token_cache(image_run, tmp_path):
+    """task=evaluate on a run trained from images encodes the test split as training did."""
+    from tests.test_eval_task import evaluate
+
+    run_dir, record = image_run
+    res = evaluate(run_dir, tmp_path, "task.what=[test_loss]")["test_loss"]
+    assert res["step"] == record["final"]["step"] == 60
+    assert res["settings"]["tokens"].startswith("images:")
+    for key in ("L_mean", "L_last", "err_mean", "err_last"):
+        assert res["metrics"][key] == pytest.approx(record["final"][key], abs=1e-6), key
 
 
 def test_batches_get_the_tokens_task_encode_writes(small_dataset, tokenizer_file, tmp_path):

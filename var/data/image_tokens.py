@@ -87,14 +87,15 @@ class ImageTokenDataModule(L.LightningDataModule):
         images, labels, _keys = batch
         return images_to_tokens(self._encoder_on(images.device), images), labels
 
-    def dataset(self, split: str) -> TokenDataset:
-        """A whole split, unflipped, encoded once (every rank holds all of it, as with a token cache)."""
+    def dataset(self, split: str, device: torch.device | None = None) -> TokenDataset:
+        """A whole split, unflipped, encoded once (every rank holds all of it, as with a token cache);
+        encoded on ``device`` (default: the trainer's)."""
         if split not in self._sets:
             if self.manifest is None:
                 self.setup()
             whole = ImageShardDataModule(self.images.root, self.images.resolution, self.images.batch_size,
                                          self.eval_batch_size, num_workers=0, rank=0, world_size=1)
-            device = self._device()
+            device = device or self._device()
             tokenizer = self._encoder_on(device)
             limit = self.eval_limit if split != "train" else None
             tokens, labels, n = [], [], 0

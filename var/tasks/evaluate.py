@@ -166,14 +166,18 @@ def eval_test_loss(ctx: Context) -> dict:
     tag = f"test_loss_{split}_step{step}"
     if (old := ctx.existing(tag)) is not None:
         return _skipped(ctx, old)
-    tokens = node.get("tokens") or ctx.run_value("task.tokens")
-    if not tokens:
-        raise ConfigError("task.test_loss.tokens: not set and the run's record.json names no token cache")
     limit = ctx.run_value("task.eval_limit") if node.limit == "auto" else node.limit
     batch = ctx.run_value("task.eval_batch_size", 256) if node.batch_size == "auto" else node.batch_size
+    tokens = node.get("tokens") or (None if ctx.run_value("task.source") == "images" else ctx.run_value("task.tokens"))
     model, vqvae = ctx.models()
-    dm = TokenDataModule(str(tokens), batch_size=int(batch), eval_batch_size=int(batch), eval_limit=limit)
-    ds = dm.dataset(split)
+    if tokens:
+        ds = TokenDataModule(str(tokens), batch_size=int(batch), eval_batch_size=int(batch),
+                             eval_limit=limit).dataset(split)
+    elif ctx.run_value("task.source") == "images":
+        tokens = f"images:{ctx.data_root()}"  # encoded as training encoded its evaluation splits
+        ds = _image_split(ctx, vqvae, split, limit, int(batch))
+    else:
+        raise ConfigError("task.test_loss.tokens: not set and the run's record.json names no token cache")
     metrics = evaluate_token_loss(model, vqvae.quantize, ds.tokens, ds.labels, list(model.patch_nums), int(batch),
                                   ctx.device, ctx.ranks.rank, ctx.ranks.world, ctx.autocast(True), ctx.rank0)
     entry = {"kind": "test_loss", "tag": tag, "step": step, "split": split,
@@ -186,6 +190,19 @@ def eval_test_loss(ctx: Context) -> dict:
         print(f"test loss ({split}, step {step}): L_mean {metrics['L_mean']:.4f}  L_last {metrics['L_last']:.4f}  "
               f"err_mean {metrics['err_mean']:.4f}  ({metrics['n_images']} images)")
     return entry
+
+
+def _image_split(ctx: Context, vqvae, split: str, limit, batch: int):
+    """A run trained from images (task.source=images) has no token cache: its split, encoded by the run's
+    tokenizer exactly as training encoded it (unflipped, first ``limit`` images)."""
+    from var.data.datamodule import ImageShardDataModule
+    from var.data.image_tokens import ImageTokenDataModule
+
+    resolution = int(ctx.run_value("data.resolution", ctx.cfg.data.resolution))
+    images = ImageShardDataModule(ctx.data_root(), resolution, batch, batch, num_workers=0)
+    classes = int(ctx.run_value("data.num_classes", ctx.cfg.data.num_classes))
+    dm = ImageTokenDataModule(images, vqvae, num_classes=classes, eval_limit=limit)
+    return dm.dataset(split, device=ctx.device)
 
 
 # ------------------------------------------------------------------------------------------ generation
