@@ -1,6 +1,6 @@
 """task=evaluate: test loss, sample quality (FID/IS/precision/recall/KID) and tokenizer reconstruction.
 
-    python run.py task=evaluate "task.ckpt='runs/scaling_demo/model.depth=5'"    # test_loss + generation
+    python run.py task=evaluate "task.ckpt='runs/scaling_demo/model.depth=4'"    # test_loss + generation
     python run.py task=evaluate task.ckpt=RUN task.what=[test_loss]
     python run.py task=evaluate task.what=[tokenizer] task.tokenizer_path=runs/tokenizer/x.pt
     python run.py task=evaluate task.ckpt=RUN trainer=ddp task.generation.per_class=50   # all GPUs

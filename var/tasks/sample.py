@@ -1,6 +1,6 @@
 """task=sample: class-conditional samples from a trained transformer -> PNGs, a grid and an ADM .npz.
 
-    python run.py task=sample task.ckpt=runs/scaling_demo/model.depth=5 task.per_class=8
+    python run.py task=sample task.ckpt=runs/scaling_demo/model.depth=4 task.per_class=8
     python run.py task=sample task.ckpt=... task.per_class=50 trainer=ddp    # 50k FID set on all GPUs
 
 Image i of class c (i < per_class) gets seed ``task.seed + c * per_class + i``, so it is the same whatever
