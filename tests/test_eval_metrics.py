@@ -48,6 +48,15 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     assert abs(same) < 0.02 and apart > 10 * max(abs(same), 1e-3)
 
 
+def test_kid_std_is_none_when_every_subset_is_both_sets_whole():
+    a, b = gaussian(n=200, seed=0), gaussian(n=200, seed=2, shift=0.5)
+    whole, std = frechet.kid(a, b, num_subsets=20, subset_size=1000)
+    assert std is None
+    assert whole == pytest.approx(frechet.kid(a, b, num_subsets=1, subset_size=200)[0], rel=1e-12)
+    _, sub_std = frechet.kid(a, b, num_subsets=20, subset_size=100)
+    assert sub_std > 0
+
+
 def test_precision_recall():
     real = gaussian(n=400, d=8, seed=0)
     assert frechet.precision_recall(real, gaussian(n=400, d=8, seed=1)) > (0.8, 0.8)

@@ -48,12 +48,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean), 0.0)
 
 
-def kid(real, fake, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """(mean, std) of the unbiased polynomial-kernel MMD^2 over random subsets (torch-fidelity's recipe)."""
+def kid(real, fake, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float | None]:
+    """(mean, std) of the unbiased polynomial-kernel MMD^2 over random subsets (torch-fidelity's recipe).
+
+    When the subsets are both sets whole (fewer samples than ``subset_size`` in each), every subset gives
+    the same value: the mean is then the MMD^2 of the two sets and the std is None, not a spurious 0.
+    """
     r, f = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     m = min(len(r), len(f), subset_size)
     if m < 2:
         raise ValueError("kid: need at least 2 samples in each set")
+    if m == len(r) == len(f):
+        num_subsets = 1
     d = r.shape[1]
     rng = np.random.RandomState(seed)
     out = np.empty(num_subsets)
@@ -63,7 +69,7 @@ def kid(real, fake, num_subsets: int = 100, subset_size: int = 1000, seed: int =
         kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
         off = m * (m - 1)
         out[i] = ((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
-    return float(out.mean()), float(out.std())
+    return float(out.mean()), (float(out.std()) if num_subsets > 1 else None)
 
 
 def _kth_radii(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
