@@ -91,3 +91,88 @@ def test_a_crashing_grid_point_is_recorded_and_the_sweep_goes_on(small_token_cac
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _records(tmp_path / "runs" / "scaling_demo") == records  # failed is not retried, complete not redone
+
+
+def _children(pid: int) -> list[int]:
+    """Job processes the pool launcher spawned (not its resource tracker)."""
+    out = []
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            ppid = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmd = open(f"/proc/{stat}/cmdline").read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and "spawn_main" in cmd:
+            out.append(int(stat))
+    return out
+
+
+def test_pool_launcher_runs_points_in_parallel_each_on_its_own_device(small_token_cache, tmp_path):
+    """launcher=pool: two grid points at once, pinned to devices 0 and 1 (CUDA_VISIBLE_DEVICES; on a CPU
+    machine the pin is all there is to see), each giving exactly the record the in-process launcher gives."""
+    _, tokens = small_token_cache
+    serial = subprocess.run(_demo_sweep(tmp_path / "serial", tokens, "1,2", 8), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    pooled = subprocess.run([*_demo_sweep(tmp_path / "pool", tokens, "1,2", 8), "launcher=pool",
+                             "hydra.launcher.devices=[0,1]"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert pooled.returncode == 0, pooled.stderr[-2000:]
+    sweep_dir = tmp_path / "pool" / "runs" / "scaling_demo"
+    records, reference = _records(sweep_dir), _records(tmp_path / "serial" / "runs" / "scaling_demo")
+    assert records.keys() == reference.keys() and len(records) == 2
+    for name, r in records.items():
+        assert r["status"] == "complete"
+        assert r["final"] == reference[name]["final"]  # same job, other process
+    jobs = [json.loads((sweep_dir / name / "launcher.json").read_text()) for name in records]
+    assert sorted(j["device"] for j in jobs) == ["0", "1"] and {j["exitcode"] for j in jobs} == {0}
+    a, b = jobs
+    assert a["started"] < b["ended"] and b["started"] < a["ended"]  # they ran at the same time
+
+
+def test_pool_launcher_reports_a_killed_job_and_finishes_the_others(small_token_cache, tmp_path):
+    """A job process killed outright (as the OOM killer would) fails that point only: the other point
+    completes, the sweep exits non-zero naming the job, and a re-run resumes the killed point."""
+    _, tokens = small_token_cache
+    cmd = [*_demo_sweep(tmp_path, tokens, "1,2", 40), "launcher=pool", "hydra.launcher.workers=2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep_dir = tmp_path / "runs" / "scaling_demo"
+    deadline, victim = time.time() + 240, None
+    while time.time() < deadline and victim is None:
+        kids = _children(proc.pid)
+        if len(list(sweep_dir.glob("*/checkpoints/last.ckpt"))) == 2 and len(kids) == 2:
+            victim = kids[0]
+        time.sleep(0.2)
+    assert victim is not None, "the pool never had both jobs running with a checkpoint"
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exited with code -9 before returning" in out, out[-2000:]
+    records = _records(sweep_dir)
+    assert sorted(r["status"] for r in records.values()) == ["complete", "running"]
+    killed = next(name for name, r in records.items() if r["status"] == "running")
+    assert json.loads((sweep_dir / killed / "launcher.json").read_text())["exitcode"] == -9
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _records(sweep_dir)[killed].get("resumes", 0) == 1  # resumed from its checkpoint
+    assert {r["status"] for r in _records(sweep_dir).values()} == {"complete"}
+
+
+def test_pool_slots_and_visible_gpus(monkeypatch):
+    import pytest
+
+    from hydra_plugins.var_pool_launcher.pool_launcher import slots_for, visible_gpus
+
+    assert slots_for([0, 1], 2, None) == ["0", "0", "1", "1"]  # two jobs per GPU
+    assert slots_for([], 1, None) == [None, None] and slots_for([], 1, 3) == [None] * 3
+    with pytest.raises(ValueError, match="hydra.launcher.jobs_per_device=0"):
+        slots_for([0], 0, None)
+    with pytest.raises(ValueError, match="hydra.launcher.workers=0"):
+        slots_for([], 1, 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == ["2", "3"]  # the child is pinned to physical GPU 2 or 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,GPU-11c0")
+    assert visible_gpus() == ["GPU-8f2a", "GPU-11c0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []

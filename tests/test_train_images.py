@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import compose_cfg, resolved
 from tests.test_encode import encode_cfg, random_tokenizer
-from tests.test_train import run_train, train_overrides
+from tests.test_train import train_overrides
 from var.data.tokens import read_split
 from var.errors import ConfigError
 from var.tasks import encode
