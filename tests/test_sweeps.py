@@ -93,22 +93,6 @@ def test_a_crashing_grid_point_is_recorded_and_the_sweep_goes_on(small_token_cac
     assert _records(tmp_path / "runs" / "scaling_demo") == records  # failed is not retried, complete not redone
 
 
-def _children(pid: int) -> list[int]:
-    """Job processes the pool launcher spawned (not its resource tracker)."""
-    out = []
-    for stat in os.listdir("/proc"):
-        if not stat.isdigit():
-            continue
-        try:
-            ppid = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
-            cmd = open(f"/proc/{stat}/cmdline").read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and "spawn_main" in cmd:
-            out.append(int(stat))
-    return out
-
-
 def test_pool_launcher_runs_points_in_parallel_each_on_its_own_device(small_token_cache, tmp_path):
     """launcher=pool: two grid points at once, pinned to devices 0 and 1 (CUDA_VISIBLE_DEVICES; on a CPU
     machine the pin is all there is to see), each giving exactly the record the in-process launcher gives."""
@@ -141,18 +125,21 @@ def test_pool_launcher_reports_a_killed_job_and_finishes_the_others(small_token_
     sweep_dir = tmp_path / "runs" / "scaling_demo"
     deadline, victim = time.time() + 240, None
     while time.time() < deadline and victim is None:
-        kids = _children(proc.pid)
-        if len(list(sweep_dir.glob("*/checkpoints/last.ckpt"))) == 2 and len(kids) == 2:
-            victim = kids[0]
-        time.sleep(0.2)
-    assert victim is not None, "the pool never had both jobs running with a checkpoint"
+        # Kill the depth-2 job in mid-training: it has a checkpoint, and launcher.json names its process.
+        d2 = [p.parent for p in sweep_dir.glob("*model.depth=2*/launcher.json")]
+        if d2 and (d2[0] / "checkpoints" / "last.ckpt").is_file():
+            victim = json.loads((d2[0] / "launcher.json").read_text())["pid"]
+        time.sleep(0.1)
+    assert victim is not None, "the depth-2 job never wrote a checkpoint"
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "exited with code -9 before returning" in out, out[-2000:]
     records = _records(sweep_dir)
-    assert sorted(r["status"] for r in records.values()) == ["complete", "running"]
-    killed = next(name for name, r in records.items() if r["status"] == "running")
-    assert json.loads((sweep_dir / killed / "launcher.json").read_text())["exitcode"] == -9
+    status = {r["config"]["model"]["depth"]: r["status"] for r in records.values()}
+    assert status == {1: "complete", 2: "running"}
+    killed = d2[0].name
+    info = json.loads((sweep_dir / killed / "launcher.json").read_text())
+    assert info["exitcode"] == -9 and info["status"] == "FAILED" and info["pid"] == victim
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _records(sweep_dir)[killed].get("resumes", 0) == 1  # resumed from its checkpoint

@@ -10,8 +10,8 @@ Without GPUs, ``workers`` processes share the CPU cores (torch threads split eve
 
 Jobs go in order of the sweep, each to the first free slot. A job whose process dies (killed, out of
 memory) is returned failed; the others go on. Each job directory gets ``launcher.json``: slot, device,
-pid, start and end times and exit code, so a reader can see which GPU made which point and how the jobs
-overlapped. Hydra's basic launcher runs the same jobs one after another in the launching process.
+pid and start time while the job runs, then end time, exit code and status, so a reader can see which GPU
+runs or made which point and how the jobs overlapped. Hydra's basic launcher runs the same jobs one after another in the launching process.
 """
 
 import importlib
@@ -176,7 +176,9 @@ class PoolLauncher(Launcher):
                                        name=f"hydra-job-{idx}")
                     proc.start()
                     child.close()
-                    running.append(_Running(idx, slot, proc, parent, job_dir, time.time()))
+                    job = _Running(idx, slot, proc, parent, job_dir, time.time())
+                    running.append(job)
+                    _write_info(job, slots[slot], status="RUNNING")
                 time.sleep(self.poll_s)
                 for job in [j for j in running if not j.process.is_alive() or j.conn.poll()]:
                     results[job.idx] = self._collect(job, slots[job.slot], job_overrides[job.idx - initial_job_idx])
@@ -202,11 +204,15 @@ class PoolLauncher(Launcher):
             ret.return_value = RuntimeError(f"job #{job.idx} ({' '.join(overrides)}) exited with code "
                                             f"{job.process.exitcode} before returning")
             log.error(str(ret._return_value))
-        info = {"job": job.idx, "slot": job.slot, "device": device, "pid": job.process.pid,
-                "started": job.started, "ended": time.time(), "exitcode": job.process.exitcode,
-                "status": ret.status.name}
-        job.job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = job.job_dir / "launcher.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1) + "\n")
-        os.replace(tmp, job.job_dir / "launcher.json")
+        _write_info(job, device, status=ret.status.name, ended=time.time(), exitcode=job.process.exitcode)
         return ret
+
+
+def _write_info(job: _Running, device: str | None, **fields) -> None:
+    """<job dir>/launcher.json, written whole (tmp + rename): while the job runs, then when it has ended."""
+    info = {"job": job.idx, "slot": job.slot, "device": device, "pid": job.process.pid, "started": job.started,
+            **fields}
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job.job_dir / "launcher.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, job.job_dir / "launcher.json")
