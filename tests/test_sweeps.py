@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 RUN = [sys.executable, str(REPO / "run.py")]
@@ -74,6 +76,26 @@ def test_killed_demo_sweep_rerun_finishes_only_what_is_missing(small_token_cache
     assert records[d2_dir.name]["status"] == "complete"
     assert records[d2_dir.name].get("resumes", 0) == 1                # resumed, not restarted
     assert records[d2_dir.name]["final"]["step"] == 40
+
+
+def test_a_run_killed_after_its_last_checkpoint_completes_on_rerun(small_token_cache, tmp_path):
+    """Killed between its final checkpoint and its final evaluation, a run's record says running while
+    last.ckpt is at max_steps; Lightning then skips the training loop on resume. The re-run must still
+    evaluate, count the resume and mark the record complete (else the sweep never finishes the point)."""
+    _, tokens = small_token_cache
+    cmd = _demo_sweep(tmp_path, tokens, "1", 8)
+    assert subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+    (path,) = (tmp_path / "runs" / "scaling_demo").glob("*/record.json")
+    done = json.loads(path.read_text())
+    killed = {**done, "status": "running", "evals": [e for e in done["evals"] if e["step"] < 8]}
+    killed.pop("final")
+    path.write_text(json.dumps(killed))  # the record as that kill leaves it
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete" and record.get("resumes", 0) == 1
+    assert record["final"]["step"] == 8 and record["evals"][-1]["step"] == 8
+    assert record["final"]["L_mean"] == pytest.approx(done["final"]["L_mean"], abs=1e-6)  # same weights
 
 
 def test_a_crashing_grid_point_is_recorded_and_the_sweep_goes_on(small_token_cache, tmp_path):
@@ -147,8 +169,6 @@ def test_pool_launcher_reports_a_killed_job_and_finishes_the_others(small_token_
 
 
 def test_pool_slots_and_visible_gpus(monkeypatch):
-    import pytest
-
     from hydra_plugins.var_pool_launcher.pool_launcher import slots_for, visible_gpus
 
     assert slots_for([0, 1], 2, None) == ["0", "0", "1", "1"]  # two jobs per GPU

@@ -82,13 +82,14 @@ class ScalingRecordCallback(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.eval_steps = set(self.fixed_eval_steps or
                               log_spaced_steps(trainer.max_steps, self.num_eval_points, self.first_eval_fraction))
-        self.record = RunRecord(self.run_dir, **self.static_fields)
+        self.record, self.train_started = RunRecord(self.run_dir, **self.static_fields), False
         self.record.update(status="running", error=None, tokens_per_image=self.tokens_per_image,
                            flops_per_image=self.flops_per_image, batch_size=self.global_batch,
                            eval_steps=sorted(self.eval_steps), progress=self.progress(trainer.global_step))
         self._save(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.train_started = True
         # Not in on_fit_start: under FSDP2 (ModelParallelStrategy) the checkpoint is restored after it.
         if trainer.ckpt_path and str(trainer.ckpt_path) != self.start_ckpt:  # resumed (kill, preemption, requeue)
             self.record.update(resumes=self.record.data.get("resumes", 0) + 1,
@@ -118,6 +119,15 @@ class ScalingRecordCallback(L.Callback):
                 self.evaluate(trainer, pl_module, step)
             self.record.update(status="complete", progress=self.progress(step))
         self._save(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # A run killed after its final checkpoint, before its record said complete, resumes at max_steps:
+        # Lightning then skips the training loop (no on_train_start / on_train_end), so finish it here.
+        if self.record is None or getattr(self, "train_started", False):
+            return
+        if trainer.ckpt_path and str(trainer.ckpt_path) != self.start_ckpt:
+            self.record.update(resumes=self.record.data.get("resumes", 0) + 1)
+        self.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.record is None or isinstance(exception, KeyboardInterrupt):
