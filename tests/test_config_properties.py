@@ -199,6 +199,9 @@ def test_batch_must_split_over_devices(trainer, devices, batch):
     (["model.num_heads=3"], "model.num_heads"),
     (["-m", "model.depth=1,0"], "model.depth"),  # every value of a sweep is checked
     (["-m", "model.depth=1,2", "task.optim.lr=1e-3,-1e-3"], "task.optim.lr"),
+    (["-m", "launcher=pool", "hydra.launcher.jobs_per_device=0"], "hydra.launcher.jobs_per_device"),
+    (["-m", "launcher=pool", "hydra.launcher.workers=0"], "hydra.launcher.workers"),
+    (["-m", "launcher=pool", "hydra.launcher.devices=[]"], "hydra.launcher.devices"),
 ])
 def test_preflight_stops_before_hydra_starts(args, key):
     problem = preflight(str(CONF), [*BASE, *args])
@@ -207,6 +210,7 @@ def test_preflight_stops_before_hydra_starts(args, key):
 
 def test_preflight_passes_a_valid_sweep():
     assert preflight(str(CONF), ["-m", "sweep=scaling_demo", "model.depth=1,2,3"]) is None
+    assert preflight(str(CONF), ["-m", "sweep=scaling_demo", "launcher=pool", "hydra.launcher.devices=[0,1]"]) is None
 
 
 def test_invalid_config_never_reaches_the_task(monkeypatch, capsys):

@@ -170,11 +170,25 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg)
     _validate_tokenizer_fit(cfg)
     _validate_trainer(cfg)
+    _validate_launcher(cfg)
     if OmegaConf.select(cfg, "model") is not None:
         _validate_model(cfg)
     from var import config_checks  # the per-task rules
 
     config_checks.validate_task(cfg)
+
+
+def _validate_launcher(cfg: DictConfig) -> None:
+    """launcher=pool's settings (hydra_plugins/var_pool_launcher); the composed hydra node is only there
+    in preflight, where a bad value must stop the sweep before its first job."""
+    if not str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith(".PoolLauncher"):
+        return
+    _number(cfg, "hydra.launcher.jobs_per_device", lo=1, integer=True, nullable=False)
+    _number(cfg, "hydra.launcher.workers", lo=1, integer=True)
+    devices = OmegaConf.select(cfg, "hydra.launcher.devices")
+    if devices is not None and (not OmegaConf.is_list(devices) or len(devices) == 0):
+        raise ConfigError(f"hydra.launcher.devices={devices}: expected a non-empty list of GPU ids, or null "
+                          f"for every visible GPU")
 
 
 def _validate_data(cfg: DictConfig) -> None:
