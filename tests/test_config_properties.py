@@ -202,6 +202,7 @@ def test_batch_must_split_over_devices(trainer, devices, batch):
     (["-m", "launcher=pool", "hydra.launcher.jobs_per_device=0"], "hydra.launcher.jobs_per_device"),
     (["-m", "launcher=pool", "hydra.launcher.workers=0"], "hydra.launcher.workers"),
     (["-m", "launcher=pool", "hydra.launcher.devices=[]"], "hydra.launcher.devices"),
+    (["-m", "launcher=pool", "trainer=gpu", "trainer.devices=2"], "trainer.devices"),
 ])
 def test_preflight_stops_before_hydra_starts(args, key):
     problem = preflight(str(CONF), [*BASE, *args])
