@@ -189,9 +189,8 @@ def _validate_launcher(cfg: DictConfig) -> None:
     if devices is not None and (not OmegaConf.is_list(devices) or len(devices) == 0):
         raise ConfigError(f"hydra.launcher.devices={devices}: expected a non-empty list of GPU ids, or null "
                           f"for every visible GPU")
-    gpus = OmegaConf.select(cfg, "trainer.devices")
-    n = len(gpus) if OmegaConf.is_list(gpus) else gpus if isinstance(gpus, int) else 1
-    if OmegaConf.select(cfg, "trainer.accelerator") in ("gpu", "cuda") and n > 1:
+    if OmegaConf.select(cfg, "trainer.accelerator") in ("gpu", "cuda") and (device_count(cfg) or 1) > 1:
+        gpus = OmegaConf.select(cfg, "trainer.devices")
         raise ConfigError(f"trainer.devices={gpus}: launcher=pool gives each job one GPU; use trainer.devices=1, "
                           f"or launcher=local for multi-GPU grid points")
 

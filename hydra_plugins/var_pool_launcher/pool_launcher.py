@@ -15,7 +15,6 @@ runs or made which point and how the jobs overlapped. Hydra's basic launcher run
 """
 
 import importlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -123,6 +122,8 @@ def _run_in_child(sweep_config: DictConfig, task: tuple[str, str], singleton_sta
 class _Running:
     idx: int
     slot: int
+    device: str | None
+    overrides: Sequence[str]
     process: Any
     conn: Any
     job_dir: Path
@@ -176,12 +177,12 @@ class PoolLauncher(Launcher):
                                        name=f"hydra-job-{idx}")
                     proc.start()
                     child.close()
-                    job = _Running(idx, slot, proc, parent, job_dir, time.time())
+                    job = _Running(idx, slot, slots[slot], overrides, proc, parent, job_dir, time.time())
                     running.append(job)
-                    _write_info(job, slots[slot], status="RUNNING")
+                    _write_info(job, status="RUNNING")
                 time.sleep(self.poll_s)
                 for job in [j for j in running if not j.process.is_alive() or j.conn.poll()]:
-                    results[job.idx] = self._collect(job, slots[job.slot], job_overrides[job.idx - initial_job_idx])
+                    results[job.idx] = self._collect(job)
                     running.remove(job)
                     free.append(job.slot)
                     free.sort()
@@ -191,7 +192,7 @@ class PoolLauncher(Launcher):
                 job.process.join(10)
         return [results[i] for i in sorted(results)]
 
-    def _collect(self, job: _Running, device: str | None, overrides: Sequence[str]) -> JobReturn:
+    def _collect(self, job: _Running) -> JobReturn:
         ret = None
         if job.conn.poll(30 if job.process.is_alive() else 1):
             try:
@@ -200,19 +201,20 @@ class PoolLauncher(Launcher):
                 ret = None
         job.process.join()
         if ret is None:  # the process died before it could answer (killed, out of memory, segfault)
-            ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED, working_dir=str(job.job_dir))
-            ret.return_value = RuntimeError(f"job #{job.idx} ({' '.join(overrides)}) exited with code "
+            ret = JobReturn(overrides=list(job.overrides), status=JobStatus.FAILED, working_dir=str(job.job_dir))
+            ret.return_value = RuntimeError(f"job #{job.idx} ({' '.join(job.overrides)}) exited with code "
                                             f"{job.process.exitcode} before returning")
             log.error(str(ret._return_value))
-        _write_info(job, device, status=ret.status.name, ended=time.time(), exitcode=job.process.exitcode)
+        _write_info(job, status=ret.status.name, ended=time.time(), exitcode=job.process.exitcode)
         return ret
 
 
-def _write_info(job: _Running, device: str | None, **fields) -> None:
-    """<job dir>/launcher.json, written whole (tmp + rename): while the job runs, then when it has ended."""
-    info = {"job": job.idx, "slot": job.slot, "device": device, "pid": job.process.pid, "started": job.started,
-            **fields}
+def _write_info(job: _Running, **fields) -> None:
+    """<job dir>/launcher.json, written atomically: while the job runs, then when it has ended."""
+    from var.data.shards import (
+        atomic_write_json,  # the project's; imported late to keep plugin discovery light
+    )
+
     job.job_dir.mkdir(parents=True, exist_ok=True)
-    tmp = job.job_dir / "launcher.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, job.job_dir / "launcher.json")
+    atomic_write_json(job.job_dir / "launcher.json", {"job": job.idx, "slot": job.slot, "device": job.device,
+                                                      "pid": job.process.pid, "started": job.started, **fields})

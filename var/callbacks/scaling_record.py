@@ -44,6 +44,7 @@ class ScalingRecordCallback(L.Callback):
         self.start_ckpt = str(start_ckpt) if start_ckpt else None
         self.record: RunRecord | None = None
         self.eval_steps: set[int] = set()
+        self.train_started = False
 
     # ---------------------------------------------------------------------------------------- helpers
     def progress(self, step: int) -> dict:
@@ -88,12 +89,18 @@ class ScalingRecordCallback(L.Callback):
                            eval_steps=sorted(self.eval_steps), progress=self.progress(trainer.global_step))
         self._save(trainer)
 
+    def _count_resume(self, trainer) -> bool:
+        """Count a fit that resumed (after a kill, a preemption or a requeue); a branch's start is not one."""
+        if not trainer.ckpt_path or str(trainer.ckpt_path) == self.start_ckpt:
+            return False
+        self.record.update(resumes=self.record.data.get("resumes", 0) + 1,
+                           progress=self.progress(trainer.global_step))
+        return True
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.train_started = True
         # Not in on_fit_start: under FSDP2 (ModelParallelStrategy) the checkpoint is restored after it.
-        if trainer.ckpt_path and str(trainer.ckpt_path) != self.start_ckpt:  # resumed (kill, preemption, requeue)
-            self.record.update(resumes=self.record.data.get("resumes", 0) + 1,
-                               progress=self.progress(trainer.global_step))
+        if self._count_resume(trainer):
             self._save(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -123,11 +130,10 @@ class ScalingRecordCallback(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         # A run killed after its final checkpoint, before its record said complete, resumes at max_steps:
         # Lightning then skips the training loop (no on_train_start / on_train_end), so finish it here.
-        if self.record is None or getattr(self, "train_started", False):
+        if self.record is None or self.train_started:
             return
-        if trainer.ckpt_path and str(trainer.ckpt_path) != self.start_ckpt:
-            self.record.update(resumes=self.record.data.get("resumes", 0) + 1)
-        self.on_train_end(trainer, pl_module)
+        self._count_resume(trainer)
+        self.on_train_end(trainer, pl_module)  # saves the record
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.record is None or isinstance(exception, KeyboardInterrupt):

@@ -28,7 +28,8 @@ from var.checkpoints import CheckpointError
 LAST = "last.ckpt"
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, a symlink or a folder of shards; nothing if absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -61,10 +62,10 @@ def promote(tmp: Path, final: Path) -> None:
     else:
         old = final.with_name(final.name + ".old")
         if final.exists():
-            _remove(old)  # left by an earlier kill after its swap: final is the newer, whole copy
+            remove_path(old)  # left by an earlier kill after its swap: final is the newer, whole copy
             os.replace(final, old)
         os.replace(tmp, final)
-        _remove(old)
+        remove_path(old)
     _fsync_dir(final.parent)  # the rename itself survives a power loss
 
 
@@ -121,7 +122,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".tmp")  # only rank 0 writes; a fixed name replaces a killed one's
-        _remove(tmp)
+        remove_path(tmp)
         torch.save(checkpoint, tmp)
         fsync_tree(tmp)
         promote(tmp, final)
@@ -136,7 +137,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         final = Path(self.broadcast(str(filepath)))
         tmp = final.with_name(final.name + ".tmp")  # one name for all ranks: they write shards of one folder
         if self.global_rank == 0:
-            _remove(tmp)  # what a kill mid-save left behind
+            remove_path(tmp)  # what a kill mid-save left behind
         self.barrier("atomic_checkpoint_start")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("atomic_checkpoint_written")  # every rank's shards are on disk

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from var.errors import ConfigError, DataError
+from var.lit.checkpoint_io import remove_path
 from var.lit.schedules import warmup_steps_of, wsd_branch_length
 from var.record import read_record
 
@@ -74,7 +74,8 @@ def plan_branches(schedule: dict, max_steps: int, progressive_fraction: float = 
 
 
 class BranchCheckpoints(L.Callback):
-    """The main run keeps a checkpoint at each branch step, written under a temporary name then renamed.
+    """The main run keeps a checkpoint at each branch step, written atomically by the training task's
+    checkpoint IO and strategy (var/lit/checkpoint_io.py: a temporary name, then renamed into place).
 
     A re-run that passes the step again (after a resume from an earlier checkpoint, or with task.force)
     overwrites it: the branch must continue the trajectory the main run's record describes.
@@ -84,28 +85,10 @@ class BranchCheckpoints(L.Callback):
         self.run_dir, self.steps = Path(run_dir), set(steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step not in self.steps:
-            return
-        final = branch_checkpoint(self.run_dir, step)
-        tmp = final.with_name(final.name + ".tmp")  # the same name on every rank (sharded saves are folders)
-        if trainer.is_global_zero:
+        if trainer.global_step in self.steps:
+            final = branch_checkpoint(self.run_dir, trainer.global_step)
             final.parent.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)
-        trainer.strategy.barrier("branch_checkpoint")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            if final.is_dir():  # os.replace cannot overwrite a folder
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        trainer.strategy.barrier("branch_checkpoint_done")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+            trainer.save_checkpoint(final)
 
 
 def _rebase(node, old: str, new: str):
@@ -161,7 +144,7 @@ def run_branches(cfg: DictConfig, run_dir: Path, main: dict, train_one) -> dict:
                             f"main run with task.force=true")
         last = bdir / "checkpoints" / "last.ckpt"
         if last.exists() and last.stat().st_mtime < start.stat().st_mtime:
-            _remove(last)  # left by a branch of an earlier main trajectory: never resume it
+            remove_path(last)  # left by a branch of an earlier main trajectory: never resume it
         info = {"of": main.get("run_name"), "of_dir": str(run_dir), "step": b["step"],
                 "checkpoint": str(start), "name": f"{main.get('run_name')}/cooldown@{b['step']}"}
         record = train_one(branch_config(cfg, run_dir, b), bdir, info)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from var.checkpoints import CheckpointError, safe_load
 from var.config import world_size
+from var.config_checks import validate_train_tokenizer
 from var.data.datamodule import ImageShardDataModule
 from var.data.shards import read_manifest
 from var.errors import ConfigError, DataError
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
               f"task=encode uses them; set tokenizer.released=null to train this architecture instead.")
         return {"tokenizer": str(tok.released), "skipped": True}
     vq = vqvae_config(tok)
-    check_choices(task)
+    validate_train_tokenizer(cfg)  # also when called directly, not through run_task
     manifest = read_manifest(data.root)
     if manifest is None:
         raise DataError(f"no dataset at {data.root} (manifest.json missing): run `python run.py task=prepare` "
@@ -179,17 +180,6 @@ def run(cfg: DictConfig) -> dict:
             "loss_start": sum(hist[:k]) / k if hist else math.nan,
             "loss_end": sum(hist[-k:]) / k if hist else math.nan, "reseeded": module.reseeded,
             "data_faults": faults}
-
-
-def check_choices(task: DictConfig) -> None:
-    for key, allowed in (("loss.pixel", ("l1", "l2")), ("optim.schedule", ("constant", "cosine")),
-                         ("disc.norm", ("group", "batch"))):
-        value = OmegaConf.select(task, key)
-        if value not in allowed:
-            raise ConfigError(f"task.{key}={value}: expected {' or '.join(allowed)}")
-    for key in ("max_steps", "val_every_n_steps"):
-        if int(task[key]) < 1:
-            raise ConfigError(f"task.{key}={task[key]}: must be > 0")
 
 
 def _make_module(cfg: DictConfig, vq: VQVAEConfig, run_dir: Path):
