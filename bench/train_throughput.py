@@ -77,6 +77,9 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     first = step()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0  # includes compilation
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]  # compiled frames: one per distinct block graph
     for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
@@ -101,7 +104,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
         "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "first_step_s": round(first_s, 1), "loss_first": round(first.item(), 4), "loss_last": round(last.item(), 4),
+        "first_step_s": round(first_s, 1), "compiled_graphs": graphs, "loss_first": round(first.item(), 4), "loss_last": round(last.item(), 4),
         **environment(),
     }
 
