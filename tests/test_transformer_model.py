@@ -9,7 +9,7 @@ import torch
 
 from var.checkpoints import CheckpointError
 from var.models.attention import block_causal_bias
-from var.models.transformer import VAR, no_decay_names, param_groups
+from var.models.transformer import VAR, DropPath, no_decay_names, param_groups
 from var.models.zoo import VARConfig, build_var, load_released_var, official_config
 
 OFFICIAL_COUNTS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356}
@@ -167,6 +167,20 @@ def test_drop_path_grows_linearly_and_is_off_in_eval():
     assert not torch.equal(m(labels, x), m(labels, x))  # a different set of paths dropped
 
 
+def test_drop_path_keeps_its_rate_and_rescales_whatever_the_dtype():
+    torch.manual_seed(0)
+    dp = DropPath(0.25).train()
+    out = dp(torch.ones(200_000, 3))
+    kept = out[:, 0] != 0
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.005)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    assert torch.equal(out[:, 0], out[:, 2])  # whole samples are dropped
+    before = dp.keep_threshold.clone()
+    dp.to(torch.bfloat16)  # the rate is an integer buffer: a bf16 cast cannot round it
+    assert torch.equal(dp.keep_threshold, before)
+    assert dp(torch.ones(8, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------ init
 def test_official_init_statistics():
     torch.manual_seed(0)
@@ -257,6 +271,10 @@ def test_official_layout_loads_strictly(tmp_path):
     assert not m.training
     for k, v in m.state_dict().items():
         assert torch.equal(v, sd[k]), k
+    # the drop-path rates (not in the checkpoint) are set again after the empty materialisation
+    fresh = build_var(official_config(2))
+    assert [b.drop_path.keep_threshold.item() for b in m.blocks[1:]] == \
+        [b.drop_path.keep_threshold.item() for b in fresh.blocks[1:]]
     # the official trainer checkpoint layout unwraps too
     torch.save({"epoch": 1, "trainer": {"var_wo_ddp": sd}}, path)
     load_released_var(path, depth=2)

@@ -47,18 +47,32 @@ def _no_autocast(device: torch.device):
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones by 1/keep."""
 
+    RESOLUTION = 1 << 24  # the keep probability in steps of 2^-24, the resolution of an fp32 uniform draw
+
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.active = p > 0.0  # forward reads this bool, never p: a guard on p would also specialise
+        # The keep probability as a tensor, not a Python float: torch.compile bakes a float attribute into
+        # the graph and guards on it, so every block (each with its own rate) would compile a graph of its
+        # own; a buffer is a graph input, and the blocks share one graph. An integer, so that casting the
+        # model to bf16 cannot round it. Non-persistent: not in the state dict; reset_parameters refills
+        # it after a model is materialised from the meta device.
+        self.register_buffer("keep_threshold", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.keep_threshold.device.type != "meta":
+            self.keep_threshold.fill_(round((1.0 - self.p) * self.RESOLUTION))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or not self.active:
             return x
-        keep = 1.0 - self.p
-        # rand < keep rather than bernoulli_(keep): the latter makes torch.compile specialise on p, and the
-        # blocks (each with its own p) would then recompile one by one until the recompile limit.
-        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
-        return x * (mask.to(x.dtype) / keep)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.randint(0, self.RESOLUTION, shape, device=x.device) < self.keep_threshold
+        keep = self.keep_threshold.float() / self.RESOLUTION
+        return x * (mask.float() / keep).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from var.checkpoints import load_weights
-from var.models.transformer import OFFICIAL_PATCH_NUMS, VAR
+from var.models.transformer import OFFICIAL_PATCH_NUMS, VAR, DropPath
 
 PATCH_NUMS_256 = OFFICIAL_PATCH_NUMS  # 680 tokens per image
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens per image
@@ -151,4 +151,7 @@ def load_released_var(path: str | os.PathLike, depth: int, device: str | torch.d
         model = build_var(cfg)
     model = model.to_empty(device=device)
     load_weights(model, path, what=f"VAR d{depth} weights")
+    for m in model.modules():  # non-persistent buffers (drop-path rates) are not in the checkpoint
+        if isinstance(m, DropPath):
+            m.reset_parameters()
     return model.eval()
