@@ -13,7 +13,8 @@ tokens per image). FLOPs: the ``official_mfu`` convention of var/models/flops.py
 again with activation checkpointing on every 2nd, then every block (``--ac K`` sets it from the start).
 
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
-blocks + fused head CE), fast_flex (the same with FlexAttention), and the ablations flex_only,
+blocks + fused head CE), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
+fused epilogues where they beat cuBLAS), fast_flex (the same with FlexAttention), and the ablations flex_only,
 compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
 """
@@ -32,24 +33,25 @@ from var.models.flops import flops_per_image, param_counts
 from var.models.peak_flops import peak_flops
 from var.models.transformer import param_groups
 
-VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce)
-    "plain": ("sdpa", False, False),
-    "fast": ("scalewise", True, True),
-    "fast_flex": ("flex", True, True),
-    "flex_only": ("flex", False, False),
-    "compile_sdpa": ("sdpa", True, True),
-    "fused_only": ("sdpa", False, True),
+VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce, compile mode)
+    "plain": ("sdpa", False, False, None),
+    "fast": ("scalewise", True, True, None),
+    "fast_autotune": ("scalewise", True, True, "max-autotune-no-cudagraphs"),
+    "fast_flex": ("flex", True, True, None),
+    "flex_only": ("flex", False, False, None),
+    "compile_sdpa": ("sdpa", True, True, None),
+    "fused_only": ("sdpa", False, True, None),
 }
 
 
 def setup(depth: int, batch: int, variant: str, ac: int = 0):
     """(config, step): one training step as ``step()`` -> detached loss."""
-    attn, compile_, fused = VARIANTS[variant]
+    attn, compile_, fused, mode = VARIANTS[variant]
     cfg = var_config(depth, attn)
     quantizer = official_vqvae("cuda").quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},
-                               speed={"compile": compile_, "fused_head_ce": fused}).cuda()
+                               speed={"compile": compile_, "fused_head_ce": fused, "compile_mode": mode}).cuda()
     module.configure_model()
     module.var.train()
     opt = torch.optim.AdamW(param_groups(module.var, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
@@ -71,7 +73,7 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0):
 
 
 def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float) -> dict:
-    attn, compile_, fused = VARIANTS[variant]
+    attn, compile_, fused, mode = VARIANTS[variant]
     cfg, step = setup(depth, batch, variant, ac)
     t0 = time.perf_counter()
     first = step()
@@ -96,7 +98,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     datasheet = peak_flops("bf16")
     return {
         "bench": "train", "depth": depth, "batch": batch, "variant": variant, "attn_impl": attn,
-        "compile": compile_, "fused_head_ce": fused, "activation_checkpointing": ac,
+        "compile": compile_, "compile_mode": mode, "fused_head_ce": fused, "activation_checkpointing": ac,
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),

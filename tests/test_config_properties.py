@@ -103,6 +103,8 @@ INVALID = [
     ("task.record.num_eval_points", non_positive.map(lambda v: {"task.record.num_eval_points": v})),
     ("task.flop_convention", words.filter(lambda w: w not in config_checks.FLOP_CONVENTIONS).map(
         lambda v: {"task.flop_convention": v})),
+    ("task.speed.compile_mode", words.filter(lambda w: w not in config_checks.COMPILE_MODES).map(
+        lambda v: {"task.speed.compile_mode": v})),
     ("trainer.precision", words.filter(lambda w: w not in PRECISIONS).map(lambda v: {"trainer.precision": v})),
     ("trainer.parallelism.kind", words.filter(lambda w: w not in ("none", "ddp", "fsdp")).map(
         lambda v: {"trainer.parallelism.kind": v})),
@@ -151,6 +153,7 @@ def valid_values(draw):
         "task.optim.betas": [draw(st.floats(0, 0.999)), draw(st.floats(0, 0.999))],
         "task.loss.label_smoothing": draw(st.floats(0, 0.99)),
         "task.schedule.kind": draw(st.sampled_from(config_checks.SCHEDULES)),
+        "task.speed.compile_mode": draw(st.sampled_from(config_checks.COMPILE_MODES)),
         "task.schedule.cooldown_fraction": draw(st.floats(1e-3, 1.0)),
         "task.schedule.warmup_fraction": draw(st.floats(0, 0.99)),
         "task.progressive.fraction": draw(st.floats(0, 1)),
@@ -255,3 +258,7 @@ def test_validated_names_match_the_code():
             assert math.isfinite(lr_factor(50, 100, kind, warmup_steps=5, cooldown_shape=shape))
     with pytest.raises(ValueError):
         lr_factor(50, 100, "warmup_cosine")
+    import torch._inductor
+
+    modes = set(torch._inductor.list_mode_options())
+    assert {m for m in config_checks.COMPILE_MODES if m} <= modes

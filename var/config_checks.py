@@ -15,6 +15,10 @@ from var.errors import ConfigError
 SCHEDULES = ("official", "wsd", "cosine", "constant")          # var/lit/schedules.py lr_factor
 COOLDOWN_SHAPES = ("1-sqrt", "linear")
 FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/models/flops.py
+# torch.compile modes for task.speed.compile_mode (None: torch's default). The CUDA-graph modes
+# ("reduce-overhead", "max-autotune") are left out: per-block graphs break under FSDP2 and activation
+# checkpointing, and a step of a training-size batch is not launch-bound.
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 def validate_task(cfg: DictConfig) -> None:
@@ -79,6 +83,7 @@ def validate_train(cfg: DictConfig) -> None:
     _number(cfg, t + "progressive.fraction", 0, 1)
     _number(cfg, t + "progressive.start_scale", 0, integer=True)
     _number(cfg, t + "record.num_eval_points", 1, integer=True)
+    _choice(cfg, t + "speed.compile_mode", COMPILE_MODES)
     _number(cfg, t + "record.first_eval_fraction", 0, 1, lo_open=True)
     _validate_model_fits_tokenizer(cfg)
     impl = OmegaConf.select(cfg, "model.attn_impl")

@@ -62,7 +62,8 @@ class VARTrainingModule(L.LightningModule):
 
             # Progressive training runs up to one sequence length per scale: one graph each.
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 32)
-            self.var.compile_blocks()
+            mode = self.speed.get("compile_mode")
+            self.var.compile_blocks(**({"mode": mode} if mode else {}))
         if self.parallelism.get("kind") != "fsdp":
             return
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
