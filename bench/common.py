@@ -30,18 +30,19 @@ def official_vqvae(device) -> VQVAE:
     return VQVAE(PRESETS["vae_ch160v4096z32"]).to(device).eval()
 
 
-def environment() -> dict:
-    """Date, device, torch and commit. BENCH_COMMIT overrides the commit where the tree measured is an
-    export whose git metadata is missing or older than its files."""
-    if os.environ.get("BENCH_COMMIT"):
-        return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
-                "torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ["BENCH_COMMIT"]}
+def git_commit() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True)
+    return (commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict:
+    """Date, device, torch and commit. BENCH_COMMIT overrides the commit where the tree measured is an
+    export whose git metadata is missing or older than its files."""
     return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "commit": (commit.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")}
+            "commit": os.environ.get("BENCH_COMMIT") or git_commit()}
 
 
 def matmul_ceiling(n: int = 8192, iters: int = 50) -> float:
