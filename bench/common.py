@@ -63,11 +63,13 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def run_points(module: str, points: list[list[str]], out: str | None, timeout: int) -> list[dict]:
-    """Run ``python -m module --one ARGS`` per point in a fresh process; collect the JSON lines it prints."""
+def run_points(module: str, points: list[list[str]], out: str | None, timeout: int,
+               launcher: list[str] | None = None) -> list[dict]:
+    """Run ``python -m module --one ARGS`` per point in a fresh process (``launcher``, e.g. torchrun, in
+    place of ``python``); collect the JSON lines it prints."""
     results = []
     for args in points:
-        cmd = [sys.executable, "-m", module, "--one", *args]
+        cmd = [*(launcher or [sys.executable]), "-m", module, "--one", *args]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                                  env=os.environ.copy())

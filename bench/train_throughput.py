@@ -22,6 +22,7 @@ Never run in CI (needs a GPU). One JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 
@@ -44,24 +45,30 @@ VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce, compile mode)
 }
 
 
-def setup(depth: int, batch: int, variant: str, ac: int = 0):
-    """(config, step): one training step as ``step()`` -> detached loss."""
+def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap=None):
+    """(config, step): one training step as ``step()`` -> detached loss. ``wrap(module)``, if given, wraps
+    ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built."""
     attn, compile_, fused, mode = VARIANTS[variant]
+    device = torch.device(device)
     cfg = var_config(depth, attn)
-    quantizer = official_vqvae("cuda").quantize
+    quantizer = official_vqvae(device).quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},
-                               speed={"compile": compile_, "fused_head_ce": fused, "compile_mode": mode}).cuda()
+                               speed={"compile": compile_, "fused_head_ce": fused, "compile_mode": mode}).to(device)
     module.configure_model()
+    if wrap is not None:
+        wrap(module)
     module.var.train()
     opt = torch.optim.AdamW(param_groups(module.var, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     params = [p for p in module.var.parameters() if p.requires_grad]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda", generator=g)
-    labels = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
+    # bf16 autocast on GPUs; the CPU smoke runs stay in fp32.
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with amp:
             loss = module.training_loss(tokens, labels, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 2.0)

@@ -31,6 +31,27 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def shard_var(var: nn.Module, mesh, parallelism: dict, mixed_precision: bool) -> None:
+    """FSDP2: ``fully_shard`` each block, then the root, over ``mesh`` (None: the default process group).
+
+    parallelism: ``trainer.parallelism`` (param_dtype, reduce_dtype, reshard_after_forward). Mixed precision
+    applies on GPUs only (CPU gloo runs keep fp32). Module names stay as they are, so checkpoints load into
+    a plain model.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": bool(parallelism.get("reshard_after_forward", True))}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[parallelism.get("param_dtype", "bf16")],
+                                                   reduce_dtype=DTYPES[parallelism.get("reduce_dtype", "fp32")])
+    for block in var.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(var, **kwargs)
+
+
 class VARTrainingModule(L.LightningModule):
     def __init__(self, model: dict, quantizer: nn.Module, optim: dict, schedule: dict, loss: dict,
                  progressive: dict | None = None, parallelism: dict | None = None, global_batch: int = 1,
@@ -66,20 +87,9 @@ class VARTrainingModule(L.LightningModule):
             self.var.compile_blocks(**({"mode": mode} if mode else {}))
         if self.parallelism.get("kind") != "fsdp":
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        mp = None
-        if self.device.type == "cuda" or str(self.trainer.strategy.root_device).startswith("cuda"):
-            mp = MixedPrecisionPolicy(param_dtype=dtypes[self.parallelism.get("param_dtype", "bf16")],
-                                      reduce_dtype=dtypes[self.parallelism.get("reduce_dtype", "fp32")])
-        kwargs = {"mesh": mesh, "reshard_after_forward": bool(self.parallelism.get("reshard_after_forward", True))}
-        if mp is not None:
-            kwargs["mp_policy"] = mp
-        for block in self.var.blocks:
-            fully_shard(block, **kwargs)
-        fully_shard(self.var, **kwargs)
+        on_gpu = self.device.type == "cuda" or str(self.trainer.strategy.root_device).startswith("cuda")
+        shard_var(self.var, mesh, self.parallelism, mixed_precision=on_gpu)
 
     # --------------------------------------------------------------------------------------- forward
     def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
