@@ -4,6 +4,7 @@ the whole resolved config logged."""
 from __future__ import annotations
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger
 
 from tests.conftest import compose_cfg, resolved
 from var.loggers import build_loggers, run_id
@@ -31,4 +32,4 @@ def test_wandb_run_is_grouped_named_resumable_and_carries_the_full_config(tmp_pa
         assert logged["sweep_name"] == "scaling_demo" and "hydra" not in logged
     finally:
         wandb.finish()
-    assert any(type(lg).__name__ == "CSVLogger" for lg in loggers)  # CSV stays on beside W&B
+    assert any(isinstance(lg, CSVLogger) for lg in loggers)  # CSV stays on beside W&B
