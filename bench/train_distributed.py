@@ -43,7 +43,7 @@ def measure(a) -> dict | None:
     if a.global_batch and a.global_batch % world:
         raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {world} GPUs")
     batch = a.global_batch // world if a.global_batch else a.batch
-    torch.manual_seed(rank)  # each rank its own random tokens
+    torch.manual_seed(0)  # one initialisation on every rank (FSDP2 keeps each rank's own shard of it)
 
     def wrap(module):
         if a.wrap == "fsdp":
@@ -51,7 +51,7 @@ def measure(a) -> dict | None:
         elif world > 1 or a.wrap == "ddp":
             module.var = torch.nn.parallel.DistributedDataParallel(module.var, device_ids=[device] if cuda else None)
 
-    cfg, step = setup(a.depth, batch, a.variant, a.ac, device=device, wrap=wrap)
+    cfg, step = setup(a.depth, batch, a.variant, a.ac, device=device, wrap=wrap, data_seed=rank)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     step()

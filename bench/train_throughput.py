@@ -45,9 +45,10 @@ VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce, compile mode)
 }
 
 
-def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap=None):
+def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap=None, data_seed: int = 0):
     """(config, step): one training step as ``step()`` -> detached loss. ``wrap(module)``, if given, wraps
-    ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built."""
+    ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built;
+    ``data_seed`` draws the random tokens (one per rank there)."""
     attn, compile_, fused, mode = VARIANTS[variant]
     device = torch.device(device)
     cfg = var_config(depth, attn)
@@ -61,7 +62,7 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     module.var.train()
     opt = torch.optim.AdamW(param_groups(module.var, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     params = [p for p in module.var.parameters() if p.requires_grad]
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(data_seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device, generator=g)
     labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
     # bf16 autocast on GPUs; the CPU smoke runs stay in fp32.
