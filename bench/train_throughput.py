@@ -13,7 +13,8 @@ tokens per image). FLOPs: the ``official_mfu`` convention of var/models/flops.py
 again with activation checkpointing on every 2nd, then every block (``--ac K`` sets it from the start).
 
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
-blocks + fused head CE), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
+blocks + fused head CE), fast_bf16res (the same with the residual stream in bf16 between the blocks, as
+the official code carries it), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
 fused epilogues where they beat cuBLAS), fast_flex (the same with FlexAttention), and the ablations flex_only,
 compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -34,14 +36,24 @@ from var.models.flops import flops_per_image, param_counts
 from var.models.peak_flops import peak_flops
 from var.models.transformer import param_groups
 
-VARIANTS = {  # name -> (attn_impl, compile, fused_head_ce, compile mode)
-    "plain": ("sdpa", False, False, None),
-    "fast": ("scalewise", True, True, None),
-    "fast_autotune": ("scalewise", True, True, "max-autotune-no-cudagraphs"),
-    "fast_flex": ("flex", True, True, None),
-    "flex_only": ("flex", False, False, None),
-    "compile_sdpa": ("sdpa", True, True, None),
-    "fused_only": ("sdpa", False, True, None),
+
+class Variant(NamedTuple):
+    attn_impl: str
+    compile: bool
+    fused_head_ce: bool
+    compile_mode: str | None = None
+    residual_dtype: str = "param"
+
+
+VARIANTS = {
+    "plain": Variant("sdpa", False, False),
+    "fast": Variant("scalewise", True, True),
+    "fast_bf16res": Variant("scalewise", True, True, residual_dtype="autocast"),
+    "fast_autotune": Variant("scalewise", True, True, "max-autotune-no-cudagraphs"),
+    "fast_flex": Variant("flex", True, True),
+    "flex_only": Variant("flex", False, False),
+    "compile_sdpa": Variant("sdpa", True, True),
+    "fused_only": Variant("sdpa", False, True),
 }
 
 
@@ -49,13 +61,14 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     """(config, step): one training step as ``step()`` -> detached loss. ``wrap(module)``, if given, wraps
     ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built;
     ``data_seed`` draws the random tokens (one per rank there)."""
-    attn, compile_, fused, mode = VARIANTS[variant]
+    v = VARIANTS[variant]
     device = torch.device(device)
-    cfg = var_config(depth, attn)
+    cfg = var_config(depth, v.attn_impl, v.residual_dtype)
     quantizer = official_vqvae(device).quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},
-                               speed={"compile": compile_, "fused_head_ce": fused, "compile_mode": mode}).to(device)
+                               speed={"compile": v.compile, "fused_head_ce": v.fused_head_ce,
+                                      "compile_mode": v.compile_mode}).to(device)
     module.configure_model()
     if wrap is not None:
         wrap(module)
@@ -81,7 +94,6 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
 
 
 def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float) -> dict:
-    attn, compile_, fused, mode = VARIANTS[variant]
     cfg, step = setup(depth, batch, variant, ac)
     t0 = time.perf_counter()
     first = step()
@@ -105,8 +117,8 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     img_s = batch / step_s
     datasheet = peak_flops("bf16")
     return {
-        "bench": "train", "depth": depth, "batch": batch, "variant": variant, "attn_impl": attn,
-        "compile": compile_, "compile_mode": mode, "fused_head_ce": fused, "activation_checkpointing": ac,
+        "bench": "train", "depth": depth, "batch": batch, "variant": variant, **VARIANTS[variant]._asdict(),
+        "activation_checkpointing": ac,
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),

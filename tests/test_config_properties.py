@@ -105,6 +105,8 @@ INVALID = [
         lambda v: {"task.flop_convention": v})),
     ("task.speed.compile_mode", words.filter(lambda w: w not in config_checks.COMPILE_MODES).map(
         lambda v: {"task.speed.compile_mode": v})),
+    ("model.residual_dtype", words.filter(lambda w: w not in config_checks.RESIDUAL_DTYPES).map(
+        lambda v: {"model.residual_dtype": v})),
     ("trainer.precision", words.filter(lambda w: w not in PRECISIONS).map(lambda v: {"trainer.precision": v})),
     ("trainer.parallelism.kind", words.filter(lambda w: w not in ("none", "ddp", "fsdp")).map(
         lambda v: {"trainer.parallelism.kind": v})),
@@ -154,6 +156,7 @@ def valid_values(draw):
         "task.loss.label_smoothing": draw(st.floats(0, 0.99)),
         "task.schedule.kind": draw(st.sampled_from(config_checks.SCHEDULES)),
         "task.speed.compile_mode": draw(st.sampled_from(config_checks.COMPILE_MODES)),
+        "model.residual_dtype": draw(st.sampled_from(config_checks.RESIDUAL_DTYPES)),
         "task.schedule.cooldown_fraction": draw(st.floats(1e-3, 1.0)),
         "task.schedule.warmup_fraction": draw(st.floats(0, 0.99)),
         "task.progressive.fraction": draw(st.floats(0, 1)),
@@ -260,5 +263,8 @@ def test_validated_names_match_the_code():
         lr_factor(50, 100, "warmup_cosine")
     import torch._inductor
 
+    from var.models.transformer import RESIDUAL_DTYPES
+
+    assert config_checks.RESIDUAL_DTYPES == RESIDUAL_DTYPES
     modes = set(torch._inductor.list_mode_options())
     assert {m for m in config_checks.COMPILE_MODES if m} <= modes

@@ -131,6 +131,31 @@ def test_model_with_fused_head_ce_gives_the_plain_loss_and_gradients():
                  _loss_and_grads(m, labels, x, target, fused=False), 1e-10)
 
 
+def test_bf16_residual_stream_follows_the_fp32_one_under_autocast():
+    """residual_dtype=autocast carries the stream in bf16 between the blocks (as the official code does);
+    outside autocast it changes nothing, and under autocast the loss and gradients stay within bf16
+    rounding of the fp32 stream's."""
+    seen = []
+    ref, bf = tiny(patch_nums=PN4).float(), tiny(patch_nums=PN4, residual_dtype="autocast").float()
+    bf.load_state_dict(ref.state_dict())
+    for m in (ref, bf):
+        m.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    labels, x = inputs(ref)
+    x = x.float()
+    target = torch.randint(0, ref.V, (3, ref.L))
+    _assert_same(_loss_and_grads(bf, labels, x, target, fused=True), _loss_and_grads(ref, labels, x, target,
+                                                                                     fused=True), 0)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = _loss_and_grads(ref, labels, x, target, fused=True)
+        b = _loss_and_grads(bf, labels, x, target, fused=True)
+    assert seen == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(b[0], a[0], rtol=2e-2, atol=0)
+    for name, g in a[1].items():
+        rel = (b[1][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 0.1, (name, rel.item())
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     m = tiny(patch_nums=PN4, drop_path_rate=0.0)
     m.train()  # checkpointing only acts with grad enabled; class dropout is 0 in tiny()

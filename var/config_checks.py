@@ -19,6 +19,7 @@ FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/m
 # ("reduce-overhead", "max-autotune") are left out: per-block graphs break under FSDP2 and activation
 # checkpointing, and a step of a training-size batch is not launch-bound.
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+RESIDUAL_DTYPES = ("param", "autocast")  # var/models/transformer.py
 
 
 def validate_task(cfg: DictConfig) -> None:
@@ -86,6 +87,7 @@ def validate_train(cfg: DictConfig) -> None:
     _choice(cfg, t + "speed.compile_mode", COMPILE_MODES)
     _number(cfg, t + "record.first_eval_fraction", 0, 1, lo_open=True)
     _validate_model_fits_tokenizer(cfg)
+    _choice(cfg, "model.residual_dtype", RESIDUAL_DTYPES)
     impl = OmegaConf.select(cfg, "model.attn_impl")
     if impl is not None:
         from var.models.attention import ATTENTION_IMPLS  # the one list of kernels; imports torch

@@ -16,8 +16,9 @@ configurations is exact (d16: 310,283,520).
 Deliberate differences from the official code:
 - class dropout (``cond_drop_rate``) applies only in training mode; the official also drops labels at
   validation, which biases the measured test loss that the scaling laws are fitted to.
-- under autocast the residual stream stays in the parameter dtype (the official casts it to fp16/bf16);
-  only the matmuls run in low precision.
+- under autocast the residual stream stays in the parameter dtype by default; only the matmuls run in low
+  precision. ``residual_dtype="autocast"`` casts it to the autocast dtype (bf16) as the official code does:
+  half the bytes for the memory-bound elementwise work around the matmuls, at bf16 rounding of the stream.
 - no dropout / attention dropout (the official uses rate 0 everywhere).
 """
 
@@ -35,6 +36,7 @@ from var.models.attention import SelfAttention, attention_mask, block_causal_bia
 from var.models.fused_cross_entropy import linear_cross_entropy
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+RESIDUAL_DTYPES = ("param", "autocast")  # the residual stream under autocast: fp32 parameters' dtype | bf16
 
 
 def _no_autocast(device: torch.device):
@@ -157,8 +159,11 @@ class VAR(nn.Module):
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  shared_aln: bool = False, cos_attn: bool = True, cond_drop_rate: float = 0.1,
                  attn_impl: str = "sdpa", init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
-                 init_head: float = 0.02, init_std: float = -1.0):
+                 init_head: float = 0.02, init_std: float = -1.0, residual_dtype: str = "param"):
         super().__init__()
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype={residual_dtype!r}: expected one of {', '.join(RESIDUAL_DTYPES)}")
+        self.residual_dtype = residual_dtype
         self.depth, self.C, self.num_heads = depth, embed_dim, num_heads
         self.num_classes, self.V, self.Cvae = num_classes, vocab_size, cvae
         self.cond_drop_rate = cond_drop_rate
@@ -246,6 +251,13 @@ class VAR(nn.Module):
         for b in self.blocks:
             b.attn.kv_caching(enable)
 
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream as the blocks carry it: as is, or in the autocast dtype (see residual_dtype)."""
+        dev = x.device.type
+        if self.residual_dtype == "autocast" and torch.is_autocast_enabled(dev):
+            return x.to(torch.get_autocast_dtype(dev))
+        return x
+
     def _lvl_pos(self, begin: int, end: int) -> torch.Tensor:
         """(1, end-begin, C) level + absolute position embedding of tokens begin..end."""
         return self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
@@ -288,6 +300,7 @@ class VAR(nn.Module):
 
         mask = attention_mask(self.blocks[0].attn.attn_impl, self.patch_nums, self.attn_bias_for_masking, ed)
         cond = self.shared_ada_lin(cond_BD)
+        x = self._residual(x)
         for b in self.blocks:
             x = b(x, cond, mask)
         if ed == self.first_l:
@@ -330,6 +343,7 @@ class VAR(nn.Module):
                 x = self.word_embed(x_BlCv.to(self.word_embed.weight.dtype))
             x = x + self._lvl_pos(bg, ed)
         cond = self.shared_ada_lin(cond_BD)
+        x = self._residual(x)
         for b in self.blocks:
             x = b(x, cond, None)  # cached keys are all earlier scales: no mask needed
         return self.head_logits(x, cond_BD)
