@@ -6,6 +6,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -202,6 +204,19 @@ def test_flip_only_in_training(small_dataset):
     a = torch.cat([x for x, _, _ in dm.val_dataloader()])
     b = torch.cat([x for x, _, _ in dm.val_dataloader()])
     assert torch.equal(a, b)
+
+
+def test_training_images_are_the_same_in_every_process(small_dataset):
+    """Order and flips are functions of the seed: two processes with differently salted str hashes
+    (PYTHONHASHSEED) read the same training images, flipped the same way."""
+    _, root = small_dataset
+    code = ("import sys, torch; from var.data.datamodule import ImageShardDataModule as D; "
+            "dm = D(sys.argv[1], resolution=32, batch_size=8, num_workers=0, hflip=True); dm.setup('fit'); "
+            "it = iter(dm.train_dataloader()); xs = torch.cat([next(it)[0] for _ in range(3)]).double(); "
+            "print(repr(float((xs * torch.arange(xs.numel()).view_as(xs)).sum())), next(it)[2])")
+    outs = [subprocess.run([sys.executable, "-c", code, str(root)], env={**os.environ, "PYTHONHASHSEED": salt},
+                           capture_output=True, text=True, check=True).stdout for salt in ("1", "2")]
+    assert outs[0] == outs[1]
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

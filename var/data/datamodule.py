@@ -74,7 +74,9 @@ class _RandomFlip:
 
     def __call__(self, item):
         if self.rng is None:
-            self.rng = random.Random(hash((self.seed, self.rank, _worker()[0], "flip")))
+            # A string seed goes through SHA-512: the same in every process. hash() of a tuple holding a
+            # string is salted per process (PYTHONHASHSEED), which made every run flip differently.
+            self.rng = random.Random(f"flip/{self.seed}/{self.rank}/{_worker()[0]}")
         x, y, key = item
         return (torch.flip(x, dims=[2]) if self.rng.random() < 0.5 else x), y, key
 
