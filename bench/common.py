@@ -17,6 +17,9 @@ from var.models.zoo import VARConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
+# NCCL's NVLink multicast (NVLS) stays off in the multi-GPU benchmarks: their numbers do not depend on it.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
 # The official ImageNet 256 setting: 1000 classes, 10 scales (680 tokens), V 4096, Cvae 32.
 OFFICIAL = dict(num_classes=1000, vocab_size=4096, cvae=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
 

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import REPO, emit
+from bench.common import MULTICAST_OFF, REPO, emit
 
 
 def command(a, devices: int) -> list[str]:
@@ -85,7 +85,7 @@ def main() -> None:
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists: pick another --run-dir (this check starts from scratch)")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    env = {**os.environ, **MULTICAST_OFF}
 
     leg1 = first_leg(a, env)
     record = json.loads((run_dir / "record.json").read_text())

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import emit, environment, matmul_ceiling, run_points
+from bench.common import MULTICAST_OFF, emit, environment, matmul_ceiling, run_points
 from bench.train_throughput import REFERENCE_BATCHES, VARIANTS, setup
 from var.lit.var_module import shard_var
 from var.models.flops import flops_per_image
@@ -48,7 +48,7 @@ def measure(a) -> dict | None:
     def wrap(module):
         if a.wrap == "fsdp":
             shard_var(module.var, None, {"reshard_after_forward": True}, mixed_precision=cuda)
-        elif world > 1 or a.wrap == "ddp":
+        else:
             module.var = torch.nn.parallel.DistributedDataParallel(module.var, device_ids=[device] if cuda else None)
 
     cfg, step = setup(a.depth, batch, a.variant, a.ac, device=device, wrap=wrap, data_seed=rank)
@@ -124,8 +124,8 @@ def main() -> None:
         if record:
             emit(record)
         return
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    for key, value in MULTICAST_OFF.items():
+        os.environ.setdefault(key, value)
     ceiling = a.ceiling or (matmul_ceiling() if a.device == "cuda" else 1.0)
     results = []
     for depth in a.depths:
