@@ -146,6 +146,24 @@ def test_top_k_top_p_filters():
     assert not torch.isinf(logits).any()  # inputs are not modified
 
 
+def _two_sort_reference(logits, top_k, top_p):
+    """The official order of operations: a top-k, then a full sort of the filtered logits for top-p."""
+    kth = logits.topk(top_k, dim=-1)[0][..., -1:]
+    logits = logits.masked_fill(logits < kth, -torch.inf)
+    sorted_logits, idx = logits.sort(dim=-1)
+    drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop[..., -1:] = False
+    return logits.masked_fill(drop.scatter(-1, idx, drop), -torch.inf)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(900, 0.96), (5, 0.5), (300, 0.999), (2000, 0.1), (1, 0.9)])
+def test_one_sort_top_k_top_p_equals_the_two_sort_reference(top_k, top_p):
+    logits = torch.randn(6, 7, 2048, generator=torch.Generator().manual_seed(top_k)) * 3
+    got = top_k_top_p_filter(logits, top_k=top_k, top_p=top_p)
+    assert torch.equal(got, _two_sort_reference(logits, top_k, top_p))
+    assert (~torch.isinf(got)).sum(-1).max() <= top_k
+
+
 def test_guidance_schedule_and_tag():
     assert guidance_scale(1.5, "linear", 0, 10) == 0.0
     assert guidance_scale(1.5, "linear", 9, 10) == 1.5

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from var.checkpoints import CheckpointError
 from var.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from var.models.perceptual import LPIPS, load_lpips
 from var.models.quantizer import phi_indices
+from var.models.vqgan_blocks import NarrowOutConv2d
 from var.models.vqvae import PRESETS, VQVAE, VQVAEConfig, count_params, load_released_vqvae
 
 
@@ -345,3 +347,12 @@ def test_discriminator_shape_and_hinge_losses(norm):
     assert hinge_d_loss(good_real, good_fake) == 0  # margins satisfied
     assert hinge_d_loss(good_fake, good_real) == 3.0  # fully fooled: 0.5 * (3 + 3)
     assert hinge_g_loss(good_real) < hinge_g_loss(good_fake)  # the generator prefers high D scores
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_narrow_output_conv_is_a_conv2d_with_its_state_dict(device):
+    conv = NarrowOutConv2d(16, 3, kernel_size=3, padding=1).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert isinstance(conv, nn.Conv2d) and list(conv.state_dict()) == ["weight", "bias"]

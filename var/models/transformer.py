@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -322,12 +322,14 @@ class VAR(nn.Module):
         return logits.float() if logits.element_size() < 4 else logits
 
     # ------------------------------------------------------- KV-cache path
-    def forward_scale(self, cond_BD: torch.Tensor, x_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
+    def forward_scale(self, cond_BD: torch.Tensor, x_BlCv: torch.Tensor | None, si: int,
+                      run_block: Callable | None = None) -> torch.Tensor:
         """One sampling step: logits (B, pn_si^2, V) of scale ``si``, attending to the cached scales < si.
 
         cond_BD: ``class_emb(label)`` (B, C), the caller doubles the batch for CFG. x_BlCv: the input of
         scale si (B, pn_si^2, Cvae), ignored for si == 0 (the start token). Scales must come in order
-        0, 1, ... with the KV cache enabled.
+        0, 1, ... with the KV cache enabled. run_block(block, x, cond, mask), if given, runs each block in
+        place of ``block(x, cond, mask)`` (graphed sampling passes a compiled one).
         """
         bg, ed = self.begin_ends[si]
         cached = self.blocks[0].attn.cached_len
@@ -344,8 +346,8 @@ class VAR(nn.Module):
             x = x + self._lvl_pos(bg, ed)
         cond = self.shared_ada_lin(cond_BD)
         x = self._residual(x)
-        for b in self.blocks:
-            x = b(x, cond, None)  # cached keys are all earlier scales: no mask needed
+        for b in self.blocks:  # cached keys are all earlier scales: no mask needed
+            x = b(x, cond, None) if run_block is None else run_block(b, x, cond, None)
         return self.head_logits(x, cond_BD)
 
 

@@ -33,7 +33,7 @@ from var.sampling.files import (
 )
 from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import Ranks, autocast_dtype, autocast_for, load_models
-from var.sampling.sampler import sample_images, to_uint8_nhwc
+from var.sampling.sampler import prepare_fast_decoder, sample_images, to_uint8_nhwc
 
 
 def class_list(classes, num_classes: int) -> list[int]:
@@ -60,7 +60,8 @@ def sampling_config(task: DictConfig) -> SamplingConfig:
 
 
 def _fast_sampling(task: DictConfig, device: torch.device) -> bool:
-    """task.fast: auto (on with CUDA) | true | false: CUDA graphs per scale, decoder in autocast, NHWC."""
+    """task.fast: auto (on with CUDA) | true | false: compiled blocks in CUDA graphs per scale, decoder
+    compiled in autocast, NHWC."""
     fast = task.get("fast", "auto")
     if fast == "auto":
         return device.type == "cuda"
@@ -82,6 +83,8 @@ def run(cfg: DictConfig) -> dict:
     autocast = autocast_for(task.precision, ranks.device)
     fast = _fast_sampling(task, ranks.device)
     graphs = GraphedStepsByRows(model, autocast_dtype(task.precision, ranks.device)) if fast else None
+    if fast:
+        prepare_fast_decoder(vqvae)
     classes = class_list(OmegaConf.to_container(task.classes) if OmegaConf.is_list(task.classes) else task.classes,
                          model.num_classes)
     per_class, tag = int(task.per_class), scfg.tag()
