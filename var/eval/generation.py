@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from var.eval.features import FeatureNet
-from var.eval.images import rank_indices, rank_world, unit_to_uint8
+from var.eval.images import rank_indices, rank_world
 
 
 def _gather_batch(x: torch.Tensor, device) -> torch.Tensor | None:
@@ -39,7 +39,7 @@ def generate_features(var_model, vqvae, net: FeatureNet, classes: list[int], per
     ``sampling`` is a var.sampling.config.SamplingConfig (its seed is the base seed).
     """
     from var.sampling.files import image_seed
-    from var.sampling.sampler import sample_images
+    from var.sampling.sampler import sample_images, unit_to_uint8
 
     rank, world = rank_world()
     n = len(classes) * per_class
@@ -55,7 +55,7 @@ def generate_features(var_model, vqvae, net: FeatureNet, classes: list[int], per
         labels = torch.tensor([jobs[j][0] for j in chunk])
         seeds = [image_seed(sampling.seed, *jobs[j], per_class) for j in chunk]
         x = sample_images(var_model, vqvae, labels, seeds, autocast=autocast, **sampling.kwargs())
-        x8 = unit_to_uint8(x)  # the rounding of to_uint8_nhwc, kept NCHW for the feature network
+        x8 = unit_to_uint8(x)  # kept NCHW for the feature network
         f, lg = net(x8.to(device))
         f, lg = _gather_batch(f.float(), device), _gather_batch(lg.float(), device)
         x8 = _gather_batch(x8.permute(0, 2, 3, 1), device) if keep_images else None

@@ -23,11 +23,6 @@ def signed_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (the sampler's range) -> uint8, rounding as torchvision's save_image does."""
-    return (x.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
 def dataset_manifest(root: str | Path) -> dict:
     manifest = read_manifest(root)
     if manifest is None or "splits" not in manifest:

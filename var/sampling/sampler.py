@@ -269,8 +269,13 @@ def sample_images(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], 
     return decode_fhat(vqvae, f_hat, autocast=ctx, channels_last=channels_last)
 
 
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (the sampler's range) -> uint8 of the same shape, rounding as torchvision's
+    save_image does."""
+    return (x.detach().float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounding like torchvision's save_image."""
-    x = images.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) on the host (see unit_to_uint8)."""
+    return unit_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
