@@ -13,9 +13,7 @@ from var.models.vqvae import PRESETS, VQVAE
 from var.models.zoo import VARConfig, build_var
 from var.sampling.config import SamplingConfig
 from var.sampling.files import rank_share
-from var.sampling.pipeline import OverlappedDecoding
 from var.sampling.sampler import (
-    decode_fhat,
     guidance_scale,
     run_scales,
     sample_images,
@@ -130,27 +128,6 @@ def test_images_and_uint8():
     out = to_uint8_nhwc(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 5, 3)
     assert out[0, 0, :, 0].tolist() == [0, 128, 255, 255, 0]
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_overlapped_decoding_gives_the_sequential_images(device):
-    torch.manual_seed(0)
-    var = build_var(VARConfig(depth=2, num_classes=10, patch_nums=(1, 2, 3, 4), vocab_size=64, cvae=8,
-                              init_head=1.0)).to(device).eval()
-    vq = VQVAE(PRESETS["vq_test32"]).to(device).eval()
-    decode = OverlappedDecoding(vq)
-    assert (decode.stream is not None) == (device == "cuda")
-    handles, refs = [], []
-    for b in range(3):  # each batch's decoding queued while the next one samples on the current stream
-        labels, seeds = torch.tensor([b, 3, 7]), [10 * b, 10 * b + 1, 10 * b + 2]
-        _, f_hat = sample_tokens(var, vq, labels, seeds, cfg=1.5, top_k=20)
-        handles.append(decode.submit(f_hat))
-        refs.append(to_uint8_nhwc(decode_fhat(vq, f_hat)))
-    for handle, ref in zip(handles, refs):
-        got = handle()
-        assert got.dtype == np.uint8 and got.shape == (3, 32, 32, 3)
-        np.testing.assert_array_equal(got, ref)
 
 
 def test_top_k_top_p_filters():

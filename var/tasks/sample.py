@@ -12,7 +12,6 @@ re-run finishes an interrupted one). After a barrier rank 0 reads every PNG back
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,7 @@ from var.sampling.files import (
 )
 from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import Ranks, autocast_dtype, autocast_for, load_models
-from var.sampling.pipeline import OverlappedDecoding
-from var.sampling.sampler import prepare_fast_decoder, sample_tokens
+from var.sampling.sampler import prepare_fast_decoder, sample_images, to_uint8_nhwc
 
 
 def class_list(classes, num_classes: int) -> list[int]:
@@ -98,31 +96,18 @@ def run(cfg: DictConfig) -> dict:
     mine = [j for j in rank_share(len(jobs), ranks.rank, ranks.world) if not paths[j].is_file()]
 
     bs = int(task.batch_size)
-    # Each batch decodes on a side stream while the next one samples (fast path); PNGs of a batch are
-    # written once its decoding is done, so a stopped run keeps only whole images.
-    decoder = OverlappedDecoding(vqvae, autocast if fast else contextlib.nullcontext, channels_last=fast,
-                                 overlap=fast)
-    pending = None
-
-    def save(chunk, images) -> None:
-        for j, arr in zip(chunk, images()):
-            save_png(paths[j], arr)
-        bar.update(len(chunk))
-
     with tqdm(total=len(mine), desc=f"sample {tag}", unit="img", disable=ranks.rank != 0) as bar:
         for start in range(0, len(mine), bs):
             chunk = mine[start:start + bs]
             labels = torch.tensor([jobs[j][0] for j in chunk])
             seeds = [image_seed(scfg.seed, *jobs[j], per_class) for j in chunk]
             rows = len(chunk) * (2 if scfg.cfg > 0 else 1)  # guidance doubles the batch
-            _, f_hat = sample_tokens(model, vqvae, labels, seeds, autocast=autocast,
-                                     scale_step=graphs(rows) if graphs else None, **scfg.kwargs())
-            submitted = (chunk, decoder.submit(f_hat))
-            if pending is not None:
-                save(*pending)
-            pending = submitted
-        if pending is not None:
-            save(*pending)
+            imgs = to_uint8_nhwc(sample_images(model, vqvae, labels, seeds, autocast=autocast,
+                                               scale_step=graphs(rows) if graphs else None,
+                                               decode_autocast=fast, channels_last=fast, **scfg.kwargs()))
+            for j, arr in zip(chunk, imgs):
+                save_png(paths[j], arr)
+            bar.update(len(chunk))
     ranks.barrier()
     if ranks.rank != 0:
         return {"png_dir": str(png_dir)}
