@@ -13,6 +13,7 @@ from var.models.vqvae import PRESETS, VQVAE
 from var.models.zoo import VARConfig, build_var
 from var.sampling.config import SamplingConfig
 from var.sampling.files import rank_share
+from var.sampling.loading import pick_device
 from var.sampling.sampler import (
     guidance_scale,
     run_scales,
@@ -215,15 +216,16 @@ def test_task_sample_writes_pngs_grid_and_npz(trained_run, tmp_path, monkeypatch
     assert (tmp_path / "out" / f"grid_{tag}.png").is_file()
 
     # Two ranks split the same work: rank 1 writes its share, rank 0 the rest and the npz; same images.
+    # They sample on the device the single run picked (on a GPU, its fast path).
     class FakeRanks:
-        def __init__(self, rank):
-            self.rank, self.world, self.device = rank, 2, torch.device("cpu")
+        def __init__(self, cfg, rank):
+            self.rank, self.world, self.device = rank, 2, pick_device(cfg.task.get("device"))
 
         def barrier(self):
             pass
 
     for rank in (1, 0):
-        monkeypatch.setattr(sample, "Ranks", lambda cfg, rank=rank: FakeRanks(rank))
+        monkeypatch.setattr(sample, "Ranks", lambda cfg, rank=rank: FakeRanks(cfg, rank))
         cfg = sample_cfg(tmp_path, trained_run)
         cfg.task.out = str(tmp_path / "out2")
         split = sample.run(cfg)
