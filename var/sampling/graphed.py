@@ -5,8 +5,8 @@ batches, the GPU waits on Python for most of that time. Here each scale's ``forw
 number of rows is captured once into a CUDA graph: the KV cache is a fixed buffer per block
 (``SelfAttention.use_static_cache``), the inputs are copied into fixed tensors, and a replay runs the
 whole scale with one launch. What runs is the same module code as the eager step, so the logits equal
-the eager ones (tests/test_fast_paths.py compares them on the GPU; on the CPU the static cache path is
-compared with the growing cache).
+the eager ones (tests/test_fast_paths.py and tests/test_graphed_sampling.py compare them on the GPU; on
+the CPU the static cache path is compared with the growing cache).
 
 Two more things the eager step wastes, both removed here without changing what is computed:
 
@@ -198,7 +198,6 @@ class GraphedScaleSteps:
             for b in self.var.blocks:
                 b.attn.static_len = self.var.begin_ends[si][0]
             return self._step(si)
-
 
     def refresh_weights(self) -> None:
         """Re-copy every bf16 weight from the model (needed only after writes through ``.data``)."""
