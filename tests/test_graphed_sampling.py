@@ -83,6 +83,17 @@ def test_compiled_blocks_share_graphs_over_all_scales_and_equal_the_plain_step(s
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiled_steps_on_bf16_copies_follow_the_eager_autocast_step():
+    """What task=sample runs on a GPU, minus the CUDA graphs: Inductor-compiled blocks on bf16 copies."""
+    var = _model(drop_path_rate=0.1)
+    steps = GraphedScaleSteps(var, rows=4, dtype=torch.bfloat16, graphs=False, compile=True)
+    for got, ref in zip(_all_scales(steps, var, 4), _eager_autocast(var, 4)):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_cuda_graph_steps_equal_eager_steps_on_gpu():
     var = _model(patch_nums=(1, 2, 3, 4), depth=4).cuda()
