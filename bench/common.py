@@ -66,6 +66,14 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _error_line(text: str) -> str:
+    """The most telling line of a failed point's output: the last one naming an error (torchrun ends its
+    report with a rule of '=' characters), else the last non-empty one."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().strip("=-")]
+    named = [ln for ln in lines if "Error" in ln or "error:" in ln or "Exception" in ln]
+    return ((named or lines or ["no output"])[-1])[:300]
+
+
 def run_points(module: str, points: list[list[str]], out: str | None, timeout: int,
                launcher: list[str] | None = None) -> list[dict]:
     """Run ``python -m module --one ARGS`` per point in a fresh process (``launcher``, e.g. torchrun, in
@@ -78,8 +86,8 @@ def run_points(module: str, points: list[list[str]], out: str | None, timeout: i
                                  env=os.environ.copy())
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             if res.returncode != 0 or not lines:
-                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-                lines = [json.dumps({"args": args, "error": tail[0][:300]})]
+                lines.append(json.dumps({"args": args, "exit": res.returncode,
+                                         "error": _error_line(res.stderr or res.stdout)}))
         except subprocess.TimeoutExpired:
             lines = [json.dumps({"args": args, "error": f"timed out after {timeout} s"})]
         for ln in lines:

@@ -26,6 +26,7 @@ def test_train_distributed_measures_ddp_and_fsdp_and_their_scaling():
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = _json_lines(res.stdout)
+    assert not [r for r in lines if "error" in r]
     points = [r for r in lines if r.get("bench") == "train_distributed"]
     assert [(r["wrap"], r["gpus"]) for r in points] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
     assert all(r["global_batch"] == 2 * r["gpus"] and r["img_per_s"] > 0 for r in points)
