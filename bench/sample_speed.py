@@ -22,8 +22,9 @@ import torch
 
 from bench.common import emit, environment, official_vqvae, run_points, var_config
 from var.models.zoo import build_var
+from var.sampling.fast import prepare_fast_decoder
 from var.sampling.graphed import GraphedScaleSteps
-from var.sampling.sampler import prepare_fast_decoder, sample_images
+from var.sampling.sampler import sample_images
 
 SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
 VARIANTS = ("plain", "graphs", "fast")

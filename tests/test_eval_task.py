@@ -88,6 +88,27 @@ def test_generation_end_to_end_with_a_tiny_classifier(trained_run, small_dataset
     assert any(e["tag"] == res["tag"] for e in on_disk["evaluations"])
     assert json.loads((run_dir / "eval" / f"metrics_{res['tag']}.json").read_text())["metrics"] == m
 
+    # The evaluated samples are the images task=sample writes with the same settings (on a GPU both take
+    # the fast path; the same batches, so the same kernels).
+    from var.tasks import sample
+
+    cfg = resolved(compose_cfg(["task=sample", f"task.ckpt={run_dir}", "task.per_class=3", "task.batch_size=16",
+                                "data.resolution=32", "tokenizer=vq_test32"], root=tmp_path))
+    cfg.task.out = str(tmp_path / "sampled")
+    assert res["settings"]["fast"] == torch.cuda.is_available()
+    with np.load(res["samples"]) as z, np.load(sample.run(cfg)["npz"]) as w:
+        diff = np.abs(z["arr_0"].astype(int) - w["arr_0"].astype(int))
+    assert diff.max() == 0 if not torch.cuda.is_available() else diff.mean() < 0.5
+
+
+def test_fast_generation_needs_cuda(trained_run, tmp_path):
+    from var.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("the fast path is there on a GPU")
+    with pytest.raises(ConfigError, match=r"task.generation.fast=true needs a CUDA device"):
+        evaluate(trained_run[0], tmp_path, "task.what=[generation]", "task.generation.fast=true")
+
 
 def test_tokenizer_evaluation(trained_run, small_dataset, tmp_path):
     from var.errors import UserError

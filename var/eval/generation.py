@@ -9,7 +9,7 @@ and rank 0 ends with everything in j order.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,15 +31,16 @@ def _gather_batch(x: torch.Tensor, device) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def generate_features(var_model, vqvae, net: FeatureNet, classes: list[int], per_class: int, sampling,
-                      batch_size: int, device, autocast=contextlib.nullcontext, keep_images: bool = False,
-                      progress: bool = True) -> dict | None:
+def generate_features(sampler: Callable, net: FeatureNet, classes: list[int], per_class: int, sampling,
+                      batch_size: int, device, keep_images: bool = False, progress: bool = True) -> dict | None:
     """Sample and featurise; rank 0 gets {features, logits, labels, images (uint8 NHWC or None)}, others None.
 
-    ``sampling`` is a var.sampling.config.SamplingConfig (its seed is the base seed).
+    ``sampler(labels, seeds, **sampling.kwargs())`` returns float images in [0, 1] (a
+    var.sampling.fast.ImageSampler); ``sampling`` is a var.sampling.config.SamplingConfig (its seed is the
+    base seed).
     """
     from var.sampling.files import image_seed
-    from var.sampling.sampler import sample_images, unit_to_uint8
+    from var.sampling.sampler import unit_to_uint8
 
     rank, world = rank_world()
     n = len(classes) * per_class
@@ -54,7 +55,7 @@ def generate_features(var_model, vqvae, net: FeatureNet, classes: list[int], per
         chunk = [int(j) for j in idx[s:s + batch_size]]
         labels = torch.tensor([jobs[j][0] for j in chunk])
         seeds = [image_seed(sampling.seed, *jobs[j], per_class) for j in chunk]
-        x = sample_images(var_model, vqvae, labels, seeds, autocast=autocast, **sampling.kwargs())
+        x = sampler(labels, seeds, **sampling.kwargs())
         x8 = unit_to_uint8(x)  # kept NCHW for the feature network
         f, lg = net(x8.to(device))
         f, lg = _gather_batch(f.float(), device), _gather_batch(lg.float(), device)

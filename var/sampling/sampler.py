@@ -230,17 +230,6 @@ def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], 
                       logits_out=logits_out, scale_step=scale_step)
 
 
-def prepare_fast_decoder(vqvae) -> None:
-    """Make the tokenizer's decoder fast for ``decode_fhat(..., channels_last=True)`` under bf16 autocast:
-    NHWC weights, the decoder compiled (fusing GroupNorm, SiLU and the casts around the cuDNN
-    convolutions), and cuDNN's per-shape algorithm search switched on for the process (+6% img/s at d16,
-    batch 64: the decoder's few large shapes repeat every batch). In place; the weights and outputs are
-    unchanged up to kernel rounding."""
-    torch.backends.cudnn.benchmark = True
-    vqvae.to(memory_format=torch.channels_last)
-    vqvae.decoder.compile(dynamic=False)
-
-
 @torch.no_grad()
 def decode_fhat(vqvae, f_hat: torch.Tensor, autocast: Callable = contextlib.nullcontext,
                 channels_last: bool = False) -> torch.Tensor:

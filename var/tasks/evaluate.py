@@ -109,6 +109,15 @@ class Context:
             precision = _PRECISION.get(str(self.run_value("trainer.precision", "32-true")), "fp32")
         return autocast_for(precision, self.device)
 
+    def image_sampler(self, fast: bool):
+        """The transformer and tokenizer as one image sampler (on the fast path: var/sampling/fast.py)."""
+        from var.sampling.fast import ImageSampler
+        from var.sampling.loading import autocast_dtype
+
+        model, vqvae = self.models()
+        return ImageSampler(model, vqvae, self.autocast(False), autocast_dtype(str(self.task.precision), self.device),
+                            fast)
+
     def feature_kind(self) -> str:
         from var.eval.features import resolve_feature
 
@@ -220,11 +229,13 @@ def eval_generation(ctx: Context) -> dict:
     from var.eval.generation import generate_features
     from var.eval.reference import compare, split_reference
     from var.sampling.config import SamplingConfig
+    from var.sampling.fast import resolve_fast
     from var.tasks.sample import class_list
 
     node = ctx.task.generation
     scfg = SamplingConfig.from_node(OmegaConf.to_container(node.sampling, resolve=True), seed=int(node.seed))
     scfg.validate("task.generation.sampling.")
+    fast = resolve_fast(node.get("fast", "auto"), ctx.device, "task.generation.fast")
     if int(node.per_class) < 1 or int(node.batch_size) < 1:
         raise ConfigError("task.generation.per_class and batch_size: must be >= 1")
     model, vqvae = ctx.models()
@@ -244,15 +255,16 @@ def eval_generation(ctx: Context) -> dict:
     if bsplit and str(node.reference) == "split" and bsplit != node.reference_split:
         baseline = split_reference(net, ctx.data_root(), str(bsplit), ctx.task.cache_dir,
                                    int(ctx.task.feature_batch_size), ctx.device, progress=ctx.rank0)
-    gen = generate_features(model, vqvae, net, classes, int(node.per_class), scfg, int(node.batch_size), ctx.device,
-                            ctx.autocast(False), keep_images=True, progress=ctx.rank0)
+    gen = generate_features(ctx.image_sampler(fast), net, classes, int(node.per_class), scfg, int(node.batch_size),
+                            ctx.device, keep_images=True, progress=ctx.rank0)
     if not ctx.rank0:
         return {"tag": tag}
     kw = {"kid_subsets": int(node.kid_subsets), "kid_subset_size": int(node.kid_subset_size),
           "prc_k": int(node.prc_k), "device": ctx.device}
     metrics = compare(gen["features"], gen["logits"], ref, net.name, labels=gen["labels"], **kw)
     entry = {"kind": "generation", "tag": tag, "step": step, "feature_extractor": net.name,
-             "settings": {**dataclasses.asdict(scfg), "per_class": int(node.per_class), "classes": raw},
+             "settings": {**dataclasses.asdict(scfg), "per_class": int(node.per_class), "classes": raw,
+                          "fast": fast},
              "num_samples": n, "reference": ref.source, "metrics": metrics}
     if baseline is not None:
         entry["baseline"] = {"what": f"real '{bsplit}' images instead of samples", "n": len(baseline.labels),

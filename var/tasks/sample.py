@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from var.errors import ConfigError
 from var.sampling.config import SamplingConfig
+from var.sampling.fast import ImageSampler, resolve_fast
 from var.sampling.files import (
     grid,
     image_seed,
@@ -31,9 +32,8 @@ from var.sampling.files import (
     save_npz,
     save_png,
 )
-from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import Ranks, autocast_dtype, autocast_for, load_models
-from var.sampling.sampler import prepare_fast_decoder, sample_images, to_uint8_nhwc
+from var.sampling.sampler import to_uint8_nhwc
 
 
 def class_list(classes, num_classes: int) -> list[int]:
@@ -59,19 +59,6 @@ def sampling_config(task: DictConfig) -> SamplingConfig:
     return s
 
 
-def _fast_sampling(task: DictConfig, device: torch.device) -> bool:
-    """task.fast: auto (on with CUDA) | true | false: compiled blocks in CUDA graphs per scale, decoder
-    compiled in autocast, NHWC."""
-    fast = task.get("fast", "auto")
-    if fast == "auto":
-        return device.type == "cuda"
-    if fast not in (True, False):
-        raise ConfigError(f"task.fast={fast}: expected auto, true or false")
-    if fast and device.type != "cuda":
-        raise ConfigError(f"task.fast=true needs a CUDA device (this run samples on {device.type})")
-    return bool(fast)
-
-
 def run(cfg: DictConfig) -> dict:
     task = cfg.task
     for key in ("per_class", "batch_size"):
@@ -80,11 +67,10 @@ def run(cfg: DictConfig) -> dict:
     scfg = sampling_config(task)
     ranks = Ranks(cfg)
     model, vqvae, _ = load_models(task, ranks.device)
-    autocast = autocast_for(task.precision, ranks.device)
-    fast = _fast_sampling(task, ranks.device)
-    graphs = GraphedStepsByRows(model, autocast_dtype(task.precision, ranks.device)) if fast else None
-    if fast:
-        prepare_fast_decoder(vqvae)
+    # task.fast: compiled blocks in CUDA graphs per scale, decoder compiled under autocast (var/sampling/fast.py)
+    sampler = ImageSampler(model, vqvae, autocast_for(task.precision, ranks.device),
+                           autocast_dtype(task.precision, ranks.device),
+                           resolve_fast(task.get("fast", "auto"), ranks.device, "task.fast"))
     classes = class_list(OmegaConf.to_container(task.classes) if OmegaConf.is_list(task.classes) else task.classes,
                          model.num_classes)
     per_class, tag = int(task.per_class), scfg.tag()
@@ -101,10 +87,7 @@ def run(cfg: DictConfig) -> dict:
             chunk = mine[start:start + bs]
             labels = torch.tensor([jobs[j][0] for j in chunk])
             seeds = [image_seed(scfg.seed, *jobs[j], per_class) for j in chunk]
-            rows = len(chunk) * (2 if scfg.cfg > 0 else 1)  # guidance doubles the batch
-            imgs = to_uint8_nhwc(sample_images(model, vqvae, labels, seeds, autocast=autocast,
-                                               scale_step=graphs(rows) if graphs else None,
-                                               decode_autocast=fast, channels_last=fast, **scfg.kwargs()))
+            imgs = to_uint8_nhwc(sampler(labels, seeds, **scfg.kwargs()))
             for j, arr in zip(chunk, imgs):
                 save_png(paths[j], arr)
             bar.update(len(chunk))
