@@ -13,9 +13,10 @@ import re
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-FAMILIES = [("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"), ("attention", r"flash|fmha|flex|attention"),
+FAMILIES = [("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq"),
             ("conv", r"conv|implicit|winograd|cudnn"), ("sort/topk", r"sort|topk|radix|select"),
             ("optimizer", r"adam|multi_tensor|foreach"), ("triton", r"triton"), ("norm", r"norm"),
             ("copy/cast", r"copy|cast|convert"), ("reduce", r"reduce"), ("elementwise", r"elementwise|vectorized")]
@@ -28,8 +29,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--variant", default="fast")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--rows", type=int, default=40)
+    ap.add_argument("--merge-tokens", type=int, default=None, help="see bench.train_throughput")
     a = ap.parse_args()
+    if a.merge_tokens is not None:
+        import var.models.attention as attention
+
+        attention.SCALEWISE_MERGE_TOKENS = a.merge_tokens
     if a.what == "train":
         from bench.train_throughput import setup
 
@@ -46,7 +52,8 @@ def main() -> None:
         for _ in range(a.iters):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    # Kernels only: the ops and Triton launch ranges that enclose them report the same device time again.
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     fam = defaultdict(float)
     for e in events:
@@ -55,7 +62,10 @@ def main() -> None:
     print(f"{a.what} d{a.depth} b{a.batch} {a.variant}: GPU busy {total / 1e3 / a.iters:.1f} ms per iteration")
     for name, t in sorted(fam.items(), key=lambda kv: -kv[1]):
         print(f"  {name:12s} {t / 1e3 / a.iters:8.2f} ms  {100 * t / total:5.1f}%")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=90))
+    print(f"{'ms/iter':>8s} {'calls':>6s} {'us/call':>8s}  kernel")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: a.rows]:
+        print(f"{e.self_device_time_total / 1e3 / a.iters:8.2f} {e.count / a.iters:6.0f} "
+              f"{e.self_device_time_total / e.count:8.1f}  {e.key[:150]}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ again with activation checkpointing on every 2nd, then every block (``--ac K`` s
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
 blocks + fused head CE), fast_bf16res (the same with the residual stream in bf16 between the blocks, as
 the official code carries it), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
-fused epilogues where they beat cuBLAS), fast_flex (the same with FlexAttention), and the ablations flex_only,
+fused epilogues where they beat cuBLAS), fast_flex / fast_flex_bf16res (the same with FlexAttention), and the ablations flex_only,
 compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import time
 from typing import NamedTuple
 
@@ -51,6 +52,7 @@ VARIANTS = {
     "fast_bf16res": Variant("scalewise", True, True, residual_dtype="autocast"),
     "fast_autotune": Variant("scalewise", True, True, "max-autotune-no-cudagraphs"),
     "fast_flex": Variant("flex", True, True),
+    "fast_flex_bf16res": Variant("flex", True, True, residual_dtype="autocast"),
     "flex_only": Variant("flex", False, False),
     "compile_sdpa": Variant("sdpa", True, True),
     "fused_only": Variant("sdpa", False, True),
@@ -93,7 +95,14 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     return cfg, step
 
 
-def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float) -> dict:
+def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float,
+            merge_tokens: int | None = None, flex_options: str | None = None) -> dict:
+    import var.models.attention as attention
+
+    if merge_tokens is not None:
+        attention.SCALEWISE_MERGE_TOKENS = merge_tokens
+    if flex_options is not None:
+        attention.FLEX_KERNEL_OPTIONS = json.loads(flex_options)
     cfg, step = setup(depth, batch, variant, ac)
     t0 = time.perf_counter()
     first = step()
@@ -118,7 +127,8 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     datasheet = peak_flops("bf16")
     return {
         "bench": "train", "depth": depth, "batch": batch, "variant": variant, **VARIANTS[variant]._asdict(),
-        "activation_checkpointing": ac,
+        "activation_checkpointing": ac, "scalewise_merge_tokens": attention.SCALEWISE_MERGE_TOKENS,
+        "flex_options": attention.FLEX_KERNEL_OPTIONS if VARIANTS[variant].attn_impl == "flex" else None,
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),
@@ -140,8 +150,10 @@ def out_of_memory(result: dict) -> bool:
 
 
 def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float) -> list[str]:
+    merge = [] if a.merge_tokens is None else ["--merge-tokens", str(a.merge_tokens)]
+    merge += [] if a.flex_options is None else ["--flex-options", a.flex_options]
     return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling)]
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *merge]
 
 
 def run_table(a, ceiling: float) -> None:
@@ -167,6 +179,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[64])
     ap.add_argument("--variants", nargs="+", default=["plain", "fast"])
     ap.add_argument("--ac", type=int, default=0, help="checkpoint every K-th block (0: off)")
+    ap.add_argument("--merge-tokens", type=int, default=None,
+                    help="scalewise attention: merge the scales ending within N tokens into one call")
+    ap.add_argument("--flex-options", default=None, help="JSON kernel_options for flex attention")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ceiling", type=float, default=None, help="matmul FLOP/s (default: measure)")
@@ -175,7 +190,7 @@ def main() -> None:
     a = ap.parse_args()
     ceiling = a.ceiling or matmul_ceiling()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling))
+        emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling, a.merge_tokens, a.flex_options))
         return
     if a.table:
         a.depths = a.depths or list(REFERENCE_BATCHES)

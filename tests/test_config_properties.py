@@ -76,7 +76,7 @@ INVALID = [
     ("model.drop_path_rate", outside_unit_open.map(lambda v: {"model.drop_path_rate": v})),
     ("model.mlp_ratio", not_positive.map(lambda v: {"model.mlp_ratio": v})),
     ("model.norm_eps", not_positive.map(lambda v: {"model.norm_eps": v})),
-    ("model.attn_impl", words.filter(lambda w: w not in ("sdpa", "flex", "math")).map(
+    ("model.attn_impl", words.filter(lambda w: w not in ("sdpa", "flex", "scalewise", "math")).map(
         lambda v: {"model.attn_impl": v})),
     ("data.batch_size", bad_count.map(lambda v: {"data.batch_size": v})),
     ("data.num_workers", st.integers(max_value=-1).map(lambda v: {"data.num_workers": v})),
@@ -144,7 +144,7 @@ def valid_values(draw):
         "model.cond_drop_rate": draw(st.floats(0, 0.99)),
         "model.drop_path_rate": draw(st.one_of(st.none(), st.floats(0, 0.99))),
         "model.mlp_ratio": draw(st.floats(0.25, 8)),
-        "model.attn_impl": draw(st.sampled_from(["sdpa", "flex", "math"])),
+        "model.attn_impl": draw(st.sampled_from(["sdpa", "flex", "scalewise", "math"])),
         "data.batch_size": draw(st.integers(1, 512)),
         "data.num_workers": draw(st.integers(0, 16)),
         "data.max_bad_fraction": draw(st.floats(0, 1)),

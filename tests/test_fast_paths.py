@@ -55,8 +55,12 @@ def test_flex_attention_equals_dense_masked_sdpa():
         torch.testing.assert_close(m(labels, x, prog_si=prog_si), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", [0, 5, 14])
 @pytest.mark.parametrize("prog_si", [-1, 0, 2])
-def test_scalewise_attention_equals_dense_masked_sdpa_forward_and_backward(prog_si):
+def test_scalewise_attention_equals_dense_masked_sdpa_forward_and_backward(prog_si, merge, monkeypatch):
+    import var.models.attention as attention
+
+    monkeypatch.setattr(attention, "SCALEWISE_MERGE_TOKENS", merge)  # small scales merged into one masked call
     m = tiny(patch_nums=PN4)
     labels, x = inputs(m)
     target = torch.randint(0, m.V, (3, m.L))

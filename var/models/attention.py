@@ -10,8 +10,8 @@ The attention kernel itself is one function looked up by name in ``ATTENTION_IMP
 - ``sdpa``: torch SDPA with the dense additive mask (the reference; what the official code runs).
 - ``flex``: FlexAttention with a ``BlockMask`` built from the scale ids. 128x128 tiles whose keys all lie
   in later scales are skipped (8 of 36 at 680 tokens; the allowed pairs are 62% of L^2) and fully
-  visible tiles (19) run without evaluating the mask. Without a mask (cached sampling) it falls through
-  to SDPA, which then picks a flash kernel.
+  visible tiles (19) run without evaluating the mask; dq, dk and dv come out whole (no partial sums). Without a mask (cached
+  sampling) it falls through to SDPA, which then picks a flash kernel.
 - ``scalewise``: one unmasked SDPA call per scale: the queries of scale k against the keys of scales 0..k.
   Exactly the block-causal attention, computed over the allowed pairs only and by the flash kernels,
   which take no mask.
@@ -43,8 +43,18 @@ def block_causal_bias(patch_nums: Sequence[int]) -> torch.Tensor:
     return torch.where(allowed, 0.0, -torch.inf).view(1, 1, len(s), len(s))
 
 
-def block_causal_block_mask(patch_nums: Sequence[int], length: int, device: torch.device):
-    """FlexAttention ``BlockMask`` of the first ``length`` tokens (same pattern as block_causal_bias)."""
+# FlexAttention's mask tiles and kernel options (None: torch's defaults). Measured on an H100 (d16, batch 64,
+# forward + backward per block, bench/attention_speed.py): 128-token tiles with the default kernels 3.40 ms;
+# 64-token tiles follow the pyramid's ragged edge closer and, with kernels picked by max-autotune, take
+# 2.12 ms, but torch 2.11 finds no kernel for 64-token tiles without autotuning (with or without options).
+FLEX_BLOCK_SIZE = 128
+FLEX_KERNEL_OPTIONS: dict | None = None
+
+
+def block_causal_block_mask(patch_nums: Sequence[int], length: int, device: torch.device,
+                            block_size: int = FLEX_BLOCK_SIZE):
+    """FlexAttention ``BlockMask`` of the first ``length`` tokens (same pattern as block_causal_bias), in tiles
+    of ``block_size`` tokens."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = scale_ids(patch_nums)[:length].to(device)
@@ -52,16 +62,25 @@ def block_causal_block_mask(patch_nums: Sequence[int], length: int, device: torc
     def visible(b, h, q_idx, kv_idx):
         return ids[q_idx] >= ids[kv_idx]
 
-    return create_block_mask(visible, None, None, length, length, device=device)
+    return create_block_mask(visible, None, None, length, length, device=device, BLOCK_SIZE=block_size)
 
 
-def attention_mask(impl: str, patch_nums: Sequence[int], bias: torch.Tensor, length: int):
+# Scalewise attention merges the leading scales while they end within this many tokens into one masked call:
+# their calls are tiny and launch-bound one by one, and each adds a partial key gradient to sum (0: one call
+# per scale). 255 = scales 1..10x10 of the 256 px pyramid: d16 training step 179.2 -> 170.5 ms on an H100.
+SCALEWISE_MERGE_TOKENS = 255
+
+
+def attention_mask(impl: str, patch_nums: Sequence[int], bias: torch.Tensor, length: int,
+                   merge_tokens: int | None = None):
     """The mask object ``impl`` expects for teacher forcing over the first ``length`` tokens.
 
     ``bias`` is the model's dense (1, 1, L, L) mask buffer; flex masks are built once per (length, device).
+    merge_tokens: scalewise only, default SCALEWISE_MERGE_TOKENS.
     """
     if impl == "scalewise":
-        return scale_spans(patch_nums, length)
+        merge = SCALEWISE_MERGE_TOKENS if merge_tokens is None else merge_tokens
+        return scale_groups(patch_nums, length, bias, merge)
     if impl != "flex":
         return bias[:, :, :length, :length]
     key = (tuple(patch_nums), length, str(bias.device))
@@ -82,12 +101,28 @@ def scale_spans(patch_nums: Sequence[int], length: int) -> tuple[tuple[int, int]
     return tuple(spans)
 
 
-def scalewise_attention(q, k, v, scale: float, spans) -> torch.Tensor:
-    """Block-causal attention as one unmasked call per scale (no mask: everything up to the scale's end)."""
-    if spans is None:
+def scale_groups(patch_nums: Sequence[int], length: int, bias: torch.Tensor, merge_tokens: int = 0
+                 ) -> tuple[tuple[int, int, torch.Tensor | None], ...]:
+    """(begin, end, mask) per call of scalewise attention: queries begin..end against keys 0..end.
+
+    The leading scales that end within ``merge_tokens`` tokens form one call with the block-causal mask of
+    their tokens (when that is more than one scale); every later scale is a call of its own with no mask.
+    """
+    spans = scale_spans(patch_nums, length)
+    lead = [e for _, e in spans if e <= merge_tokens]
+    if len(lead) < 2:
+        return tuple((b, e, None) for b, e in spans)
+    head = lead[-1]
+    return ((0, head, bias[:, :, :head, :head]),) + tuple((b, e, None) for b, e in spans if b >= head)
+
+
+def scalewise_attention(q, k, v, scale: float, groups) -> torch.Tensor:
+    """Block-causal attention as one SDPA call per scale (see scale_groups): exactly the allowed pairs."""
+    if groups is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, b:e], k[:, :, :e], v[:, :, :e], scale=scale)
-                      for b, e in spans], dim=2)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, b:e], k[:, :, :e], v[:, :, :e], scale=scale,
+                                                     attn_mask=None if m is None else m.to(q.dtype))
+                      for b, e, m in groups], dim=2)
 
 
 _BLOCK_MASKS: dict = {}
@@ -106,7 +141,8 @@ def flex_attention(q, k, v, scale: float, block_mask) -> torch.Tensor:
         if _COMPILED_FLEX is None:
             _COMPILED_FLEX = torch.compile(flex, dynamic=False)
         flex = _COMPILED_FLEX
-    return flex(q, k, v, block_mask=block_mask, scale=scale)
+    options = FLEX_KERNEL_OPTIONS if q.device.type == "cuda" else None
+    return flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
 
 
 def sdpa_attention(q, k, v, scale: float, attn_bias: torch.Tensor | None) -> torch.Tensor:

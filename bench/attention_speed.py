@@ -1,0 +1,115 @@
+"""Block-causal attention of teacher-forced training, forward + backward, per implementation and kernel.
+
+    python -m bench.attention_speed --depths 16 20 --batch 64 --out a.jsonl
+
+Times the attention op alone (q, k, v as views of one fused qkv tensor, bf16, the official 680-token
+pyramid) compiled as the blocks compile it, so the per-scale outputs' concatenation and the partial key
+gradients' sums are fused as in training. Implementations: ``dense`` (SDPA with the additive mask),
+``flex`` (FlexAttention block mask in tiles of 128 or 64 tokens, default or max-autotune kernels) and
+``scalewise`` per SDPA backend (auto: SDPA's choice) with the leading small scales merged into one masked
+call (``merge`` tokens: 0 = one call per scale). Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.common import OFFICIAL, emit, environment
+from var.models.attention import ATTENTION_IMPLS, attention_mask, block_causal_bias, block_causal_block_mask
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: int, block: int = 128,
+            mode: str | None = None, flex_options: dict | None = None) -> dict:
+    import var.models.attention as attention
+
+    if flex_options is not None:
+        attention.FLEX_KERNEL_OPTIONS = flex_options
+    pn = OFFICIAL["patch_nums"]
+    L, H, c = sum(p * p for p in pn), depth, 64
+    bias = block_causal_bias(pn).cuda()
+    if impl == "flex":
+        mask = block_causal_block_mask(pn, L, torch.device("cuda"), block_size=block)
+    else:
+        mask = attention_mask(impl, pn, bias, L, merge_tokens=merge)
+    fn = ATTENTION_IMPLS[impl]
+    qkv = torch.randn(batch, L, 3, H, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, H, L, c, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile(dynamic=False, mode=mode)
+    def step(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return fn(q, k, v, 1.0 / c**0.5, mask)
+
+    def once():
+        with sdpa_kernel([BACKENDS[backend]]) if backend in BACKENDS else contextlib.nullcontext():
+            out = step(qkv)
+            out.backward(grad)
+        qkv.grad = None
+
+    t0 = time.perf_counter()
+    once()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        once()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        once()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / iters
+    return {"bench": "attention", "impl": impl, "backend": backend, "merge_tokens": merge, "flex_block": block,
+            "compile_mode": mode, "flex_options": attention.FLEX_KERNEL_OPTIONS if impl == "flex" else None,
+            "depth": depth,
+            "batch": batch, "fwd_bwd_ms": round(ms, 3), "per_model_step_ms": round(ms * depth, 1),
+            "first_s": round(first, 1), **environment()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs="+", default=[16])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--merges", type=int, nargs="+", default=[0, 91, 255, 424])
+    ap.add_argument("--backends", nargs="+", default=["auto", "efficient"], help="auto: SDPA's own choice")
+    ap.add_argument("--flex-blocks", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--impls", nargs="+", default=["dense", "scalewise", "flex"])
+    ap.add_argument("--flex-modes", nargs="+", default=["default", "max-autotune-no-cudagraphs"])
+    ap.add_argument("--flex-options", nargs="+", default=None,
+                    help="JSON kernel_options for flex, one case each (default: attention.FLEX_KERNEL_OPTIONS)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    cases = [("dense", "efficient", 0, 128, None, None)]
+    cases += [("scalewise", b, m, 128, None, None) for b in a.backends for m in a.merges]
+    cases += [("flex", "auto", 0, blk, None if mode == "default" else mode, opts) for mode in a.flex_modes
+              for blk in a.flex_blocks for opts in a.flex_options or [None]]
+    cases = [c for c in cases if c[0] in a.impls]
+    for depth in a.depths:
+        for impl, backend, merge, block, mode, opts in cases:
+            name = {"dense": "sdpa"}.get(impl, impl)
+            try:
+                rec = measure(name, backend, merge, depth, a.batch, a.iters, block, mode,
+                              None if opts is None else json.loads(opts))
+            except Exception as e:  # a backend that refuses a shape is one result, not the end of the run
+                rec = {"bench": "attention", "impl": name, "backend": backend, "merge_tokens": merge,
+                       "flex_block": block, "compile_mode": mode, "flex_options": opts, "depth": depth,
+                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            torch._dynamo.reset()
+            emit(rec)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
