@@ -89,6 +89,9 @@ def main() -> None:
                     help="JSON kernel_options for flex, one case each (default: attention.FLEX_KERNEL_OPTIONS)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    # Each case compiles afresh: a cached graph of another case could carry that case's SDPA backend.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     cases = [("dense", "efficient", 0, 128, None, None)]
     cases += [("scalewise", b, m, 128, None, None) for b in a.backends for m in a.merges]
     cases += [("flex", "auto", 0, blk, None if mode == "default" else mode, opts) for mode in a.flex_modes
