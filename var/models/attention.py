@@ -10,11 +10,11 @@ The attention kernel itself is one function looked up by name in ``ATTENTION_IMP
 - ``sdpa``: torch SDPA with the dense additive mask (the reference; what the official code runs).
 - ``flex``: FlexAttention with a ``BlockMask`` built from the scale ids. 128x128 tiles whose keys all lie
   in later scales are skipped (8 of 36 at 680 tokens; the allowed pairs are 62% of L^2) and fully
-  visible tiles (19) run without evaluating the mask; dq, dk and dv come out whole (no partial sums). Without a mask (cached
-  sampling) it falls through to SDPA, which then picks a flash kernel.
+  visible tiles (19) run without evaluating the mask; dq, dk and dv come out whole (no partial sums).
+  Without a mask (cached sampling) it falls through to SDPA, which then picks a flash kernel.
 - ``scalewise``: one unmasked SDPA call per scale: the queries of scale k against the keys of scales 0..k.
   Exactly the block-causal attention, computed over the allowed pairs only and by the flash kernels,
-  which take no mask.
+  which take no mask. The small leading scales (``SCALEWISE_MERGE_TOKENS``) share one masked call.
 - ``math``: explicit softmax(QK^T)V, for debugging.
 
 The mask argument is whatever ``attention_mask(impl, patch_nums, ...)`` built for that impl. State-dict names (``mat_qkv``, ``q_bias``, ``v_bias``, ``zero_k_bias``, ``scale_mul_1H11``,
