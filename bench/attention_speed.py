@@ -20,7 +20,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import OFFICIAL, emit, environment
+from bench.common import OFFICIAL, emit, environment, set_attention_knobs
 from var.models.attention import ATTENTION_IMPLS, attention_mask, block_causal_bias, block_causal_block_mask
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -31,8 +31,7 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
             mode: str | None = None, flex_options: dict | None = None) -> dict:
     import var.models.attention as attention
 
-    if flex_options is not None:
-        attention.FLEX_KERNEL_OPTIONS = flex_options
+    set_attention_knobs(flex_options=flex_options)
     pn = OFFICIAL["patch_nums"]
     L, H, c = sum(p * p for p in pn), depth, 64
     bias = block_causal_bias(pn).cuda()

@@ -33,6 +33,18 @@ def official_vqvae(device) -> VQVAE:
     return VQVAE(PRESETS["vae_ch160v4096z32"]).to(device).eval()
 
 
+def set_attention_knobs(merge_tokens: int | None = None, flex_options: dict | None = None) -> None:
+    """Override var.models.attention's speed settings in this process (None: keep the library's):
+    SCALEWISE_MERGE_TOKENS and FLEX_KERNEL_OPTIONS. They change kernels and call grouping, never what is
+    computed."""
+    import var.models.attention as attention
+
+    if merge_tokens is not None:
+        attention.SCALEWISE_MERGE_TOKENS = merge_tokens
+    if flex_options is not None:
+        attention.FLEX_KERNEL_OPTIONS = flex_options
+
+
 def git_commit() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,

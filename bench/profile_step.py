@@ -16,6 +16,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from bench.common import set_attention_knobs
+
 FAMILIES = [("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq"),
             ("conv", r"conv|implicit|winograd|cudnn"), ("sort/topk", r"sort|topk|radix|select"),
             ("optimizer", r"adam|multi_tensor|foreach"), ("triton", r"triton"), ("norm", r"norm"),
@@ -32,10 +34,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--merge-tokens", type=int, default=None, help="see bench.train_throughput")
     a = ap.parse_args()
-    if a.merge_tokens is not None:
-        import var.models.attention as attention
-
-        attention.SCALEWISE_MERGE_TOKENS = a.merge_tokens
+    set_attention_knobs(merge_tokens=a.merge_tokens)
     if a.what == "train":
         from bench.train_throughput import setup
 

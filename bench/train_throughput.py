@@ -31,7 +31,15 @@ from typing import NamedTuple
 
 import torch
 
-from bench.common import emit, environment, matmul_ceiling, official_vqvae, run_points, var_config
+from bench.common import (
+    emit,
+    environment,
+    matmul_ceiling,
+    official_vqvae,
+    run_points,
+    set_attention_knobs,
+    var_config,
+)
 from var.lit.var_module import VARTrainingModule
 from var.models.flops import flops_per_image, param_counts
 from var.models.peak_flops import peak_flops
@@ -99,10 +107,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
             merge_tokens: int | None = None, flex_options: str | None = None) -> dict:
     import var.models.attention as attention
 
-    if merge_tokens is not None:
-        attention.SCALEWISE_MERGE_TOKENS = merge_tokens
-    if flex_options is not None:
-        attention.FLEX_KERNEL_OPTIONS = json.loads(flex_options)
+    set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options))
     cfg, step = setup(depth, batch, variant, ac)
     t0 = time.perf_counter()
     first = step()

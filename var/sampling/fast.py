@@ -9,12 +9,13 @@ rounding only; bench/results/ has the speed (d16, batch 64: 112.6 img/s plain, 2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from var.errors import ConfigError
 from var.sampling.graphed import GraphedStepsByRows
+from var.sampling.loading import autocast_dtype, autocast_for
 from var.sampling.sampler import sample_images
 
 
@@ -44,13 +45,15 @@ class ImageSampler:
     """``sampler(labels, seeds, **sampling_kwargs)`` -> float images (B, 3, R, R) in [0, 1].
 
     Set up once per model pair: with ``fast`` the per-scale graphs are captured on the first batch of each
-    size (the last batch is often smaller) and the decoder is compiled on the first call. ``autocast`` and
-    ``dtype`` are the transformer's autocast context factory and its dtype (None: fp32).
+    size (the last batch is often smaller) and the decoder is compiled on the first call. ``precision`` is
+    task.precision (see loading.autocast_dtype); ``compile=False`` keeps the graphs but runs the blocks
+    eagerly (a benchmark ablation).
     """
 
-    def __init__(self, var_model, vqvae, autocast: Callable, dtype: torch.dtype | None, fast: bool):
-        self.var, self.vqvae, self.autocast, self.fast = var_model, vqvae, autocast, fast
-        self.graphs = GraphedStepsByRows(var_model, dtype) if fast else None
+    def __init__(self, var_model, vqvae, precision: str, device: torch.device, fast: bool, compile: bool = True):
+        self.var, self.vqvae, self.fast = var_model, vqvae, fast
+        self.autocast = autocast_for(precision, device)
+        self.graphs = GraphedStepsByRows(var_model, autocast_dtype(precision, device), compile) if fast else None
         if fast:
             prepare_fast_decoder(vqvae)
 

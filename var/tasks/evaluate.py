@@ -112,11 +112,9 @@ class Context:
     def image_sampler(self, fast: bool):
         """The transformer and tokenizer as one image sampler (on the fast path: var/sampling/fast.py)."""
         from var.sampling.fast import ImageSampler
-        from var.sampling.loading import autocast_dtype
 
         model, vqvae = self.models()
-        return ImageSampler(model, vqvae, self.autocast(False), autocast_dtype(str(self.task.precision), self.device),
-                            fast)
+        return ImageSampler(model, vqvae, str(self.task.precision), self.device, fast)
 
     def feature_kind(self) -> str:
         from var.eval.features import resolve_feature

@@ -32,7 +32,7 @@ from var.sampling.files import (
     save_npz,
     save_png,
 )
-from var.sampling.loading import Ranks, autocast_dtype, autocast_for, load_models
+from var.sampling.loading import Ranks, load_models
 from var.sampling.sampler import to_uint8_nhwc
 
 
@@ -68,8 +68,7 @@ def run(cfg: DictConfig) -> dict:
     ranks = Ranks(cfg)
     model, vqvae, _ = load_models(task, ranks.device)
     # task.fast: compiled blocks in CUDA graphs per scale, decoder compiled under autocast (var/sampling/fast.py)
-    sampler = ImageSampler(model, vqvae, autocast_for(task.precision, ranks.device),
-                           autocast_dtype(task.precision, ranks.device),
+    sampler = ImageSampler(model, vqvae, str(task.precision), ranks.device,
                            resolve_fast(task.get("fast", "auto"), ranks.device, "task.fast"))
     classes = class_list(OmegaConf.to_container(task.classes) if OmegaConf.is_list(task.classes) else task.classes,
                          model.num_classes)
