@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import OFFICIAL, emit, environment, set_attention_knobs
+from bench.common import OFFICIAL, emit, environment, set_attention_knobs, time_calls
 from var.models.attention import ATTENTION_IMPLS, attention_mask, block_causal_bias, block_causal_block_mask
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -54,19 +53,7 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
             out.backward(grad)
         qkv.grad = None
 
-    t0 = time.perf_counter()
-    once()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    for _ in range(3):
-        once()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        once()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / iters
+    first, ms, _ = time_calls(once, iters)
     return {"bench": "attention", "impl": impl, "backend": backend, "merge_tokens": merge, "flex_block": block,
             "compile_mode": mode, "flex_options": attention.FLEX_KERNEL_OPTIONS if impl == "flex" else None,
             "depth": depth,

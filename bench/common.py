@@ -33,16 +33,19 @@ def official_vqvae(device) -> VQVAE:
     return VQVAE(PRESETS["vae_ch160v4096z32"]).to(device).eval()
 
 
-def set_attention_knobs(merge_tokens: int | None = None, flex_options: dict | None = None) -> None:
+def set_attention_knobs(merge_tokens: int | None = None, flex_options: dict | None = None,
+                        flex_block: int | None = None) -> None:
     """Override var.models.attention's speed settings in this process (None: keep the library's):
-    SCALEWISE_MERGE_TOKENS and FLEX_KERNEL_OPTIONS. They change kernels and call grouping, never what is
-    computed."""
+    SCALEWISE_MERGE_TOKENS, FLEX_KERNEL_OPTIONS and FLEX_BLOCK_SIZE. They change kernels and call grouping,
+    never what is computed."""
     import var.models.attention as attention
 
     if merge_tokens is not None:
         attention.SCALEWISE_MERGE_TOKENS = merge_tokens
     if flex_options is not None:
         attention.FLEX_KERNEL_OPTIONS = flex_options
+    if flex_block is not None:
+        attention.FLEX_BLOCK_SIZE = flex_block
 
 
 def git_commit() -> str:
@@ -72,6 +75,26 @@ def matmul_ceiling(n: int = 8192, iters: int = 50) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - t)
+
+
+def time_calls(fn, reps: int, warmup: int = 3):
+    """(seconds of the first call, compiling included; ms per call over ``reps`` timed calls after ``warmup``
+    more; the last call's result). Peak-memory statistics restart before the timed calls."""
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        out = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return first_s, start.elapsed_time(end) / reps, out
 
 
 def emit(record: dict) -> None:

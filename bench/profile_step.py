@@ -33,8 +33,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--merge-tokens", type=int, default=None, help="see bench.train_throughput")
+    ap.add_argument("--flex-block", type=int, default=None, help="see bench.train_throughput")
+    ap.add_argument("--ops", default=None,
+                    help="also list the ops matching this regex (e.g. 'aten::add') by input shape and call site")
     a = ap.parse_args()
-    set_attention_knobs(merge_tokens=a.merge_tokens)
+    set_attention_knobs(merge_tokens=a.merge_tokens, flex_block=a.flex_block)
     if a.what == "train":
         from bench.train_throughput import setup
 
@@ -47,7 +50,8 @@ def main() -> None:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=a.ops is not None,
+                 with_stack=a.ops is not None) as prof:
         for _ in range(a.iters):
             fn()
         torch.cuda.synchronize()
@@ -65,6 +69,19 @@ def main() -> None:
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[: a.rows]:
         print(f"{e.self_device_time_total / 1e3 / a.iters:8.2f} {e.count / a.iters:6.0f} "
               f"{e.self_device_time_total / e.count:8.1f}  {e.key[:150]}")
+    if a.ops:
+        print_ops(prof, a.ops, a.iters)
+
+
+def print_ops(prof, pattern: str, iters: int) -> None:
+    """Ops matching ``pattern`` with the device time of their kernels, by input shapes and Python call site
+    (where an eager kernel outside the compiled graphs comes from)."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6)
+            if re.search(pattern, e.key) and e.device_time_total > 0]
+    print(f"ops matching {pattern!r}: ms/iter, calls/iter, input shapes, call site")
+    for e in sorted(rows, key=lambda e: -e.device_time_total)[:20]:
+        stack = " <- ".join(fr for fr in (e.stack or []) if "site-packages" not in fr)[:400]
+        print(f"{e.device_time_total / 1e3 / iters:8.2f} {e.count / iters:6.0f}  {e.key} {e.input_shapes}  {stack}")
 
 
 if __name__ == "__main__":

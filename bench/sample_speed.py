@@ -48,7 +48,10 @@ def setup(depth: int, batch: int, variant: str):
     return once, setup_s
 
 
-def measure(depth: int, batch: int, variant: str, reps: int) -> dict:
+def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm: bool = False) -> dict:
+    import var.models.vqgan_blocks as vqgan_blocks
+
+    vqgan_blocks.CHANNEL_SUM_GROUP_NORM = not inductor_group_norm
     once, setup_s = setup(depth, batch, variant)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
@@ -64,6 +67,7 @@ def measure(depth: int, batch: int, variant: str, reps: int) -> dict:
         "bench": "sample", "depth": depth, "batch": batch, "variant": variant, **SETTINGS,
         "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
         "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
+        "channel_sum_group_norm": vqgan_blocks.CHANNEL_SUM_GROUP_NORM,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
     }
 
@@ -78,13 +82,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--variants", nargs="+", default=["plain", "fast"], choices=VARIANTS)
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: 10 at batch 1, 3 above)")
+    ap.add_argument("--inductor-group-norm", action="store_true",
+                    help="the decoder's GroupNorm as Inductor lowers it, not through per-channel sums (ablation)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3)))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.inductor_group_norm))
         return
-    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps)]
+    gn = ["--inductor-group-norm"] if a.inductor_group_norm else []
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), *gn]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

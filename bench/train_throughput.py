@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import time
 from typing import NamedTuple
 
 import torch
@@ -38,6 +37,7 @@ from bench.common import (
     official_vqvae,
     run_points,
     set_attention_knobs,
+    time_calls,
     var_config,
 )
 from var.lit.var_module import VARTrainingModule
@@ -104,36 +104,27 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
 
 
 def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float,
-            merge_tokens: int | None = None, flex_options: str | None = None) -> dict:
+            merge_tokens: int | None = None, flex_options: str | None = None, flex_block: int | None = None
+            ) -> dict:
     import var.models.attention as attention
 
-    set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options))
+    set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options), flex_block)
     cfg, step = setup(depth, batch, variant, ac)
-    t0 = time.perf_counter()
-    first = step()
-    torch.cuda.synchronize()
-    first_s = time.perf_counter() - t0  # includes compilation
+    losses = []
+    first_s, step_ms, _ = time_calls(lambda: losses.append(step()), steps, warmup - 1)  # first: compiling
+    first, last = losses[0], losses[-1]
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]  # compiled frames: one per distinct block graph
-    for _ in range(warmup - 1):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        last = step()
-    end.record()
-    torch.cuda.synchronize()
-    step_s = start.elapsed_time(end) / 1e3 / steps
+    step_s = step_ms / 1e3
     flops_img = flops_per_image(cfg)["official_mfu"]
     img_s = batch / step_s
     datasheet = peak_flops("bf16")
     return {
         "bench": "train", "depth": depth, "batch": batch, "variant": variant, **VARIANTS[variant]._asdict(),
         "activation_checkpointing": ac, "scalewise_merge_tokens": attention.SCALEWISE_MERGE_TOKENS,
-        "flex_options": attention.FLEX_KERNEL_OPTIONS if VARIANTS[variant].attn_impl == "flex" else None,
+        **({"flex_options": attention.FLEX_KERNEL_OPTIONS, "flex_block": attention.FLEX_BLOCK_SIZE}
+           if VARIANTS[variant].attn_impl == "flex" else {}),
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),
@@ -157,6 +148,7 @@ def out_of_memory(result: dict) -> bool:
 def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float) -> list[str]:
     merge = [] if a.merge_tokens is None else ["--merge-tokens", str(a.merge_tokens)]
     merge += [] if a.flex_options is None else ["--flex-options", a.flex_options]
+    merge += [] if a.flex_block is None else ["--flex-block", str(a.flex_block)]
     return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *merge]
 
@@ -187,6 +179,7 @@ def main() -> None:
     ap.add_argument("--merge-tokens", type=int, default=None,
                     help="scalewise attention: merge the scales ending within N tokens into one call")
     ap.add_argument("--flex-options", default=None, help="JSON kernel_options for flex attention")
+    ap.add_argument("--flex-block", type=int, default=None, help="flex attention's mask tile (tokens)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ceiling", type=float, default=None, help="matmul FLOP/s (default: measure)")
@@ -195,7 +188,8 @@ def main() -> None:
     a = ap.parse_args()
     ceiling = a.ceiling or matmul_ceiling()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling, a.merge_tokens, a.flex_options))
+        emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling, a.merge_tokens, a.flex_options,
+                     a.flex_block))
         return
     if a.table:
         a.depths = a.depths or list(REFERENCE_BATCHES)

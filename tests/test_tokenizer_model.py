@@ -14,7 +14,7 @@ from var.checkpoints import CheckpointError
 from var.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from var.models.perceptual import LPIPS, load_lpips
 from var.models.quantizer import phi_indices
-from var.models.vqgan_blocks import NarrowOutConv2d
+from var.models.vqgan_blocks import GroupNorm, NarrowOutConv2d, group_norm_by_channel_sums
 from var.models.vqvae import PRESETS, VQVAE, VQVAEConfig, count_params, load_released_vqvae
 
 
@@ -354,5 +354,43 @@ def test_discriminator_shape_and_hinge_losses(norm):
 def test_narrow_output_conv_is_a_conv2d_with_its_state_dict(device):
     conv = NarrowOutConv2d(16, 3, kernel_size=3, padding=1).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 rounds differently per layout
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
     assert isinstance(conv, nn.Conv2d) and list(conv.state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_group_norm_by_channel_sums_equals_group_norm(dtype):
+    g = torch.Generator().manual_seed(0)
+    # an offset mean: the shifted one-pass variance must not cancel
+    x = (3 + 2 * torch.randn(3, 20, 7, 9, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(20, generator=g, dtype=dtype), torch.randn(20, generator=g, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(group_norm_by_channel_sums(x, 4, w, b, 1e-6), F.group_norm(x, 4, w, b, 1e-6),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(group_norm_by_channel_sums(x, 5, None, None, 1e-6), F.group_norm(x, 5, eps=1e-6),
+                               rtol=tol, atol=tol)
+
+
+def test_group_norm_by_channel_sums_keeps_precision_far_from_zero():
+    x = (1000 + torch.randn(2, 20, 16, 16, generator=torch.Generator().manual_seed(1)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    exact = F.group_norm(x.double(), 4, eps=1e-6)
+    assert (group_norm_by_channel_sums(x, 4, None, None, 1e-6).double() - exact).abs().max() < 1e-4
+
+
+def test_compiled_group_norm_takes_channel_sums_on_channels_last_input(monkeypatch):
+    import var.models.vqgan_blocks as blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "group_norm_by_channel_sums",
+                        lambda *a: calls.append(1) or group_norm_by_channel_sums(*a))
+    norm = GroupNorm(4, 16, eps=1e-6)
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(norm, backend="aot_eager")  # traces forward as Inductor would, no C++ build
+    torch.testing.assert_close(compiled(x), F.group_norm(x, 4, norm.weight, norm.bias, 1e-6), rtol=1e-5, atol=1e-5)
+    assert calls, "the compiled channels-last path did not use the per-channel sums"
+    calls.clear()
+    torch.testing.assert_close(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, 1e-6))  # eager: nn.GroupNorm
+    assert not calls and list(norm.state_dict()) == ["weight", "bias"]

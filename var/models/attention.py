@@ -52,9 +52,9 @@ FLEX_KERNEL_OPTIONS: dict | None = None
 
 
 def block_causal_block_mask(patch_nums: Sequence[int], length: int, device: torch.device,
-                            block_size: int = FLEX_BLOCK_SIZE):
+                            block_size: int | None = None):
     """FlexAttention ``BlockMask`` of the first ``length`` tokens (same pattern as block_causal_bias), in tiles
-    of ``block_size`` tokens."""
+    of ``block_size`` tokens (default FLEX_BLOCK_SIZE)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = scale_ids(patch_nums)[:length].to(device)
@@ -62,7 +62,8 @@ def block_causal_block_mask(patch_nums: Sequence[int], length: int, device: torc
     def visible(b, h, q_idx, kv_idx):
         return ids[q_idx] >= ids[kv_idx]
 
-    return create_block_mask(visible, None, None, length, length, device=device, BLOCK_SIZE=block_size)
+    return create_block_mask(visible, None, None, length, length, device=device,
+                             BLOCK_SIZE=block_size or FLEX_BLOCK_SIZE)
 
 
 # Scalewise attention merges the leading scales while they end within this many tokens into one masked call:
@@ -83,7 +84,7 @@ def attention_mask(impl: str, patch_nums: Sequence[int], bias: torch.Tensor, len
         return scale_groups(patch_nums, length, bias, merge)
     if impl != "flex":
         return bias[:, :, :length, :length]
-    key = (tuple(patch_nums), length, str(bias.device))
+    key = (tuple(patch_nums), length, str(bias.device), FLEX_BLOCK_SIZE)
     if key not in _BLOCK_MASKS:
         _BLOCK_MASKS[key] = block_causal_block_mask(patch_nums, length, bias.device)
     return _BLOCK_MASKS[key]
