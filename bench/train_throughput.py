@@ -146,11 +146,11 @@ def out_of_memory(result: dict) -> bool:
 
 
 def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float) -> list[str]:
-    merge = [] if a.merge_tokens is None else ["--merge-tokens", str(a.merge_tokens)]
-    merge += [] if a.flex_options is None else ["--flex-options", a.flex_options]
-    merge += [] if a.flex_block is None else ["--flex-block", str(a.flex_block)]
+    knobs = [] if a.merge_tokens is None else ["--merge-tokens", str(a.merge_tokens)]  # attention settings
+    knobs += [] if a.flex_options is None else ["--flex-options", a.flex_options]
+    knobs += [] if a.flex_block is None else ["--flex-block", str(a.flex_block)]
     return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *merge]
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *knobs]
 
 
 def run_table(a, ceiling: float) -> None:

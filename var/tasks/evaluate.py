@@ -101,11 +101,13 @@ class Context:
             return self.cfg.data.get("name")
         return self.run_value("data.name", self.cfg.data.get("name"))
 
-    def autocast(self, for_test_loss: bool):
+    def test_loss_autocast(self):
+        """task.precision's autocast for the test loss; auto: the precision training evaluated in. (Generation
+        takes task.precision as it is, through image_sampler.)"""
         from var.sampling.loading import autocast_for
 
         precision = str(self.task.precision)
-        if precision == "auto" and for_test_loss:  # the precision training evaluated in
+        if precision == "auto":
             precision = _PRECISION.get(str(self.run_value("trainer.precision", "32-true")), "fp32")
         return autocast_for(precision, self.device)
 
@@ -186,7 +188,7 @@ def eval_test_loss(ctx: Context) -> dict:
     else:
         raise ConfigError("task.test_loss.tokens: not set and the run's record.json names no token cache")
     metrics = evaluate_token_loss(model, vqvae.quantize, ds.tokens, ds.labels, list(model.patch_nums), int(batch),
-                                  ctx.device, ctx.ranks.rank, ctx.ranks.world, ctx.autocast(True), ctx.rank0)
+                                  ctx.device, ctx.ranks.rank, ctx.ranks.world, ctx.test_loss_autocast(), ctx.rank0)
     entry = {"kind": "test_loss", "tag": tag, "step": step, "split": split,
              "settings": {"tokens": str(tokens), "limit": limit, "batch_size": int(batch)}, "metrics": metrics}
     logged = next((e for e in ctx.record.get("evals", []) if e.get("step") == step and e.get("split") == split), None)
@@ -236,7 +238,7 @@ def eval_generation(ctx: Context) -> dict:
     fast = resolve_fast(node.get("fast", "auto"), ctx.device, "task.generation.fast")
     if int(node.per_class) < 1 or int(node.batch_size) < 1:
         raise ConfigError("task.generation.per_class and batch_size: must be >= 1")
-    model, vqvae = ctx.models()
+    model, _ = ctx.models()
     raw = OmegaConf.to_container(node.classes) if OmegaConf.is_list(node.classes) else node.classes
     classes = class_list(raw, model.num_classes)
     n = len(classes) * int(node.per_class)
