@@ -10,7 +10,7 @@ span starts with class labels on the GPU and ends with float images in [0, 1] on
 Variants: plain (eager per-scale steps with a growing KV cache, decoder in fp32); graphs (each scale a
 CUDA graph over a preallocated cache, the blocks' Linear layers on bf16 copies, head matmul in TF32;
 decoder compiled, bf16, channels-last, cuDNN's per-shape algorithm search); fast (graphs with the blocks
-compiled: what ``task=sample`` runs on a GPU). Never run in CI. One JSON line each.
+and the token draws compiled: what ``task=sample`` runs on a GPU). Never run in CI. One JSON line each.
 """
 
 from __future__ import annotations
@@ -48,10 +48,13 @@ def setup(depth: int, batch: int, variant: str):
     return once, setup_s
 
 
-def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm: bool = False) -> dict:
+def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm: bool = False,
+            eager_draws: bool = False) -> dict:
     import var.models.vqgan_blocks as vqgan_blocks
+    import var.sampling.fast as fast
 
     vqgan_blocks.CHANNEL_SUM_GROUP_NORM = not inductor_group_norm
+    fast.COMPILE_DRAWS = not eager_draws
     once, setup_s = setup(depth, batch, variant)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
@@ -68,6 +71,7 @@ def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm
         "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
         "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
         "channel_sum_group_norm": vqgan_blocks.CHANNEL_SUM_GROUP_NORM,
+        "compiled_draws": variant == "fast" and fast.COMPILE_DRAWS,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
     }
 
@@ -84,14 +88,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: 10 at batch 1, 3 above)")
     ap.add_argument("--inductor-group-norm", action="store_true",
                     help="the decoder's GroupNorm as Inductor lowers it, not through per-channel sums (ablation)")
+    ap.add_argument("--eager-draws", action="store_true",
+                    help="the fast variant draws each scale's tokens eagerly, not compiled (ablation)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.inductor_group_norm))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.inductor_group_norm,
+                     a.eager_draws))
         return
-    gn = ["--inductor-group-norm"] if a.inductor_group_norm else []
-    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), *gn]
+    ablations = [f for f, on in (("--inductor-group-norm", a.inductor_group_norm),
+                                 ("--eager-draws", a.eager_draws)) if on]
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), *ablations]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

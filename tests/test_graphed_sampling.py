@@ -4,6 +4,8 @@ copies (bitwise what autocast computes, and following the model's weights), and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -108,3 +110,29 @@ def test_compiled_cuda_graph_steps_equal_eager_steps_on_gpu():
         run_scales(var, vq, labels, seeds, cfg=1.5, logits_out=got_logits, scale_step=steps)
         for a, b in zip(got_logits, ref_logits):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@torch.no_grad()
+def test_compiled_draws_give_the_eager_tokens_with_two_graphs_for_all_scales():
+    """The fast path's compiled draw_scale (guidance mix, top-k/top-p, softmax, counter streams, inverse
+    CDF) draws the tokens the eager one draws, at every scale, and the ten scales (each its own guidance
+    weight, size and token offset) share two graphs even where Dynamo specialises floats by default."""
+    from torch._dynamo import config as dynamo_config
+
+    from var.sampling import fast
+
+    var = _model(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    vq = VQVAE(dataclasses.replace(PRESETS["vq_test32"], resolution=128, patch_nums=var.patch_nums)).eval()
+    labels, seeds = torch.tensor([1, 4, 10]), [3, 4, 5]
+    settings = dict(cfg=1.5, top_k=40, top_p=0.9)
+    ref, _ = run_scales(var, vq, labels, seeds, **settings)
+    torch._dynamo.reset()
+    counters.clear()
+    patch = {"specialize_float": True} if "specialize_float" in dynamo_config._config else {}
+    with dynamo_config.patch(**patch):
+        got, _ = run_scales(var, vq, labels, seeds, draw=fast.compiled_draw, **settings)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["recompiles"])
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert len({tuple(t[0].tolist()) for t in ref[4:]}) > 1  # real draws, not one repeated token
+    torch._dynamo.reset()

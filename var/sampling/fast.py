@@ -2,9 +2,10 @@
 generation metrics of task=evaluate share.
 
 The fast path (CUDA only) runs each scale as a CUDA graph of compiled blocks on bf16 weight copies
-(graphed.py) and decodes with the compiled channels-last decoder under autocast. The draws are the same
-as the plain path's (per-image counter streams), so an image differs from the plain one by bf16 kernel
-rounding only; bench/results/ has the speed (d16, batch 64: 112.6 img/s plain, 288.8 fast on an H100).
+(graphed.py), draws each scale's tokens with the compiled form of the plain path's ``draw_scale`` (the
+same per-image counter streams), and decodes with the compiled channels-last decoder under autocast, so an
+image differs from the plain one by kernel rounding only; bench/results/ has the speed (d16, batch 64:
+112.6 img/s plain, 296.8 fast on an H100).
 """
 
 from __future__ import annotations
@@ -16,7 +17,25 @@ import torch
 from var.errors import ConfigError
 from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import autocast_dtype, autocast_for
-from var.sampling.sampler import sample_images
+from var.sampling.sampler import draw_scale, sample_images
+
+# False: the fast path draws eagerly (the benchmark's ablation, bench.sample_speed --eager-draws).
+COMPILE_DRAWS = True
+_COMPILED_DRAW: list = []
+
+
+def compiled_draw(logits, keys, begin, t, temperature, top_k, top_p) -> torch.Tensor:
+    """``draw_scale`` through torch.compile: the guidance mix, filters, softmax, counter streams and
+    inverse-CDF draw fuse into a few kernels around the sort (eagerly ~30 per scale: ~14 ms of a d16 batch of
+    64 on an H100). Sizes, the token offset and the guidance weight stay symbolic (floats unspecialised,
+    else each scale's weight would compile a graph of its own), so the ten scales share two graphs."""
+    import torch._dynamo.config as dynamo_config
+
+    if not _COMPILED_DRAW:
+        _COMPILED_DRAW.append(torch.compile(draw_scale, dynamic=True))
+    patch = {"specialize_float": False} if hasattr(dynamo_config, "specialize_float") else {}
+    with dynamo_config.patch(**patch):
+        return _COMPILED_DRAW[0](logits, keys, begin, t, temperature, top_k, top_p)
 
 
 def resolve_fast(setting, device: torch.device, key: str) -> bool:
@@ -45,13 +64,13 @@ class ImageSampler:
     """``sampler(labels, seeds, **sampling_kwargs)`` -> float images (B, 3, R, R) in [0, 1].
 
     Set up once per model pair: with ``fast`` the per-scale graphs are captured on the first batch of each
-    size (the last batch is often smaller) and the decoder is compiled on the first call. ``precision`` is
-    task.precision (see loading.autocast_dtype); ``compile=False`` keeps the graphs but runs the blocks
-    eagerly (a benchmark ablation).
+    size (the last batch is often smaller), the decoder and the token draws are compiled on the first call.
+    ``precision`` is task.precision (see loading.autocast_dtype); ``compile=False`` keeps the graphs but runs
+    the blocks and the draws eagerly (a benchmark ablation).
     """
 
     def __init__(self, var_model, vqvae, precision: str, device: torch.device, fast: bool, compile: bool = True):
-        self.var, self.vqvae, self.fast = var_model, vqvae, fast
+        self.var, self.vqvae, self.fast, self.compile = var_model, vqvae, fast, compile
         self.autocast = autocast_for(precision, device)
         self.graphs = GraphedStepsByRows(var_model, autocast_dtype(precision, device), compile) if fast else None
         if fast:
@@ -61,4 +80,5 @@ class ImageSampler:
         rows = labels.shape[0] * (2 if sampling_kwargs.get("cfg", 0) > 0 else 1)  # guidance doubles the batch
         return sample_images(self.var, self.vqvae, labels, seeds, autocast=self.autocast,
                              scale_step=self.graphs(rows) if self.fast else None,
+                             draw=compiled_draw if self.fast and self.compile and COMPILE_DRAWS else draw_scale,
                              decode_autocast=self.fast, channels_last=self.fast, **sampling_kwargs)

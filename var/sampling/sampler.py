@@ -112,6 +112,28 @@ def inverse_cdf_draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+# ------------------------------------------------------------------------------------------- draws
+def guided_logits(logits: torch.Tensor, t: float | None, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 0.0) -> torch.Tensor:
+    """The logits a scale's tokens are drawn from: (1 + t) * cond - t * uncond over the two halves of the
+    rows (t None: the rows are the batch, no guidance), divided by the temperature, top-k/top-p filtered."""
+    if t is not None:
+        B = logits.shape[0] // 2
+        logits = (1 + t) * logits[:B] - t * logits[B:]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return top_k_top_p_filter(logits, top_k, top_p)
+
+
+def draw_scale(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float | None, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Token indices (B, l) of one scale from its model logits ((2B if guided else B), l, V): the softmax
+    of ``guided_logits``, drawn by inverse CDF with the images' counter streams (tokens begin..begin+l).
+    One function, so that the fast path can compile it whole (fast.py) and draw what this draws."""
+    probs = guided_logits(logits, t, temperature, top_k, top_p).softmax(dim=-1)
+    return inverse_cdf_draw(probs, token_uniforms(keys, begin, logits.shape[1]))
+
+
 # --------------------------------------------------------------------------------------------- core
 def _eager_scale_step(var_model, autocast: Callable) -> Callable:
     def step(cond_BD, x, si):
@@ -140,7 +162,8 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
                gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
                forced: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                logits_out: list | None = None, guided: bool | None = None,
-               scale_step: Callable | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+               scale_step: Callable | None = None, draw: Callable = draw_scale,
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The sampling loop shared by sampling and editing; see ``sample_tokens`` for the arguments.
 
     forced: per scale (source tokens (B, pn^2), keep (B, pn^2) bool): kept positions take the source's
@@ -150,6 +173,8 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
       computed and weighted by 0, which must give the plain conditional result.
     scale_step: fn(cond_BD, x, si) -> logits replacing the eager ``forward_scale`` (e.g. a
       ``GraphedScaleSteps`` of graphed.py); it owns its cache, and ``autocast`` is then its business.
+    draw: ``draw_scale`` or a function computing the same (e.g. its compiled form, fast.py); the Gumbel
+      smoothing option draws eagerly.
     """
     _check_args(var_model, labels, seeds, cfg, cfg_schedule, top_k, top_p, temperature, gumbel_smooth)
     device = var_model.class_emb.weight.device
@@ -172,20 +197,18 @@ def run_scales(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], cfg
         cond_BD = var_model.class_emb(lab)
         f_hat, x, tokens = None, None, []
         for si, pn in enumerate(patch_nums):
-            ratio = si / (K - 1) if K > 1 else 1.0
             logits = step(cond_BD, x, si)
             if logits_out is not None:
                 logits_out.append(logits.clone())
-            if guided:
-                t = guidance_scale(cfg, cfg_schedule, si, K)
-                logits = (1 + t) * logits[:B] - t * logits[B:]
-            if temperature != 1.0:
-                logits = logits / temperature
-            logits = top_k_top_p_filter(logits, top_k, top_p)
-            probs = logits.softmax(dim=-1)
-            idx = inverse_cdf_draw(probs, token_uniforms(keys, var_model.begin_ends[si][0], pn * pn))
+            t = guidance_scale(cfg, cfg_schedule, si, K) if guided else None
+            begin = var_model.begin_ends[si][0]
             h = None
-            if gumbel_smooth > 0:
+            if gumbel_smooth <= 0:
+                idx = draw(logits, keys, begin, t, temperature, top_k, top_p)
+            else:
+                logits = guided_logits(logits, t, temperature, top_k, top_p)  # the soft mix needs them too
+                idx = inverse_cdf_draw(logits.softmax(dim=-1), token_uniforms(keys, begin, pn * pn))
+                ratio = si / (K - 1) if K > 1 else 1.0
                 tau = max(gumbel_smooth * (1 - 0.95 * ratio), 0.005)
                 w = torch.stack([_gumbel_mix(logits[i] * (1 + ratio), tau, g) for i, g in enumerate(gens)])
                 h = w.to(codebook.dtype) @ codebook  # (B, l, Cvae): a soft mix of codes
@@ -214,7 +237,7 @@ def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], 
                   cfg_schedule: str = "linear", top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                   gumbel_smooth: float = 0.0, autocast: Callable = contextlib.nullcontext,
                   logits_out: list | None = None, scale_step: Callable | None = None,
-                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                  draw: Callable = draw_scale) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sample B token pyramids: (K LongTensors (B, pn^2), f_hat (B, Cvae, H, H) fp32).
 
     labels (B,): classes; ``var_model.num_classes`` means unconditional (the null class). seeds: one per
@@ -222,12 +245,12 @@ def sample_tokens(var_model, vqvae, labels: torch.Tensor, seeds: Sequence[int], 
     | ``constant``. top_k / top_p: 0 is off. temperature divides the (guided) logits. gumbel_smooth > 0:
     the official ``more_smooth`` (the returned tokens are the hard draws, f_hat is built from the soft
     mix). autocast: a zero-argument callable returning a context for the transformer's forward, e.g.
-    ``lambda: torch.autocast("cuda", torch.bfloat16)``. logits_out, scale_step: see ``run_scales``.
+    ``lambda: torch.autocast("cuda", torch.bfloat16)``. logits_out, scale_step, draw: see ``run_scales``.
     The model's train/eval mode is restored and its KV cache switched off afterwards.
     """
     return run_scales(var_model, vqvae, labels, seeds, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k,
                       top_p=top_p, temperature=temperature, gumbel_smooth=gumbel_smooth, autocast=autocast,
-                      logits_out=logits_out, scale_step=scale_step)
+                      logits_out=logits_out, scale_step=scale_step, draw=draw)
 
 
 @torch.no_grad()
