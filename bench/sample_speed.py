@@ -16,7 +16,9 @@ and the token draws compiled: what ``task=sample`` runs on a GPU). Never run in 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -48,13 +50,26 @@ def setup(depth: int, batch: int, variant: str):
     return once, setup_s
 
 
-def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm: bool = False,
-            eager_draws: bool = False) -> dict:
-    import var.models.vqgan_blocks as vqgan_blocks
-    import var.sampling.fast as fast
+# Ablations: each switches one lever of the fast path off (a module constant set to False), and the record
+# says which were on.
+LEVERS = {
+    "inductor-group-norm": ("var.models.vqgan_blocks", "CHANNEL_SUM_GROUP_NORM", "channel_sum_group_norm"),
+    "eager-draws": ("var.sampling.fast", "COMPILE_DRAWS", "compiled_draws"),
+    "no-gelu-epilogue": ("var.sampling.graphed", "GELU_EPILOGUE", "gelu_epilogue"),
+}
 
-    vqgan_blocks.CHANNEL_SUM_GROUP_NORM = not inductor_group_norm
-    fast.COMPILE_DRAWS = not eager_draws
+
+def set_levers(off: Sequence[str]) -> dict:
+    """Switch the named levers off (the others on); {record field: on} for the JSON line."""
+    on = {}
+    for flag, (module, constant, field) in LEVERS.items():
+        setattr(importlib.import_module(module), constant, flag not in off)
+        on[field] = flag not in off
+    return on
+
+
+def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = ()) -> dict:
+    levers = set_levers(off)
     once, setup_s = setup(depth, batch, variant)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
@@ -70,8 +85,7 @@ def measure(depth: int, batch: int, variant: str, reps: int, inductor_group_norm
         "bench": "sample", "depth": depth, "batch": batch, "variant": variant, **SETTINGS,
         "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
         "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
-        "channel_sum_group_norm": vqgan_blocks.CHANNEL_SUM_GROUP_NORM,
-        "compiled_draws": variant == "fast" and fast.COMPILE_DRAWS,
+        **levers,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
     }
 
@@ -86,20 +100,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--variants", nargs="+", default=["plain", "fast"], choices=VARIANTS)
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: 10 at batch 1, 3 above)")
-    ap.add_argument("--inductor-group-norm", action="store_true",
-                    help="the decoder's GroupNorm as Inductor lowers it, not through per-channel sums (ablation)")
-    ap.add_argument("--eager-draws", action="store_true",
-                    help="the fast variant draws each scale's tokens eagerly, not compiled (ablation)")
+    ap.add_argument("--off", nargs="*", default=[], choices=sorted(LEVERS),
+                    help="ablations: inductor-group-norm (the decoder's GroupNorm as Inductor lowers it, not "
+                         "through per-channel sums), eager-draws (the tokens drawn eagerly, not compiled), "
+                         "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.inductor_group_norm,
-                     a.eager_draws))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off))
         return
-    ablations = [f for f, on in (("--inductor-group-norm", a.inductor_group_norm),
-                                 ("--eager-draws", a.eager_draws)) if on]
-    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), *ablations]
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), "--off", *a.off]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

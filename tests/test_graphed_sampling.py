@@ -113,17 +113,22 @@ def test_compiled_cuda_graph_steps_equal_eager_steps_on_gpu():
 
 
 @torch.no_grad()
-def test_compiled_draws_give_the_eager_tokens_with_two_graphs_for_all_scales():
+@pytest.mark.parametrize("device, labels", [
+    ("cpu", [1, 4, 10]),
+    pytest.param("cuda", [4], marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_compiled_draws_give_the_eager_tokens_with_two_graphs_for_all_scales(device, labels):
     """The fast path's compiled draw_scale (guidance mix, top-k/top-p, softmax, counter streams, inverse
     CDF) draws the tokens the eager one draws, at every scale, and the ten scales (each its own guidance
-    weight, size and token offset) share two graphs even where Dynamo specialises floats by default."""
+    weight, size and token offset) share two graphs even where Dynamo specialises floats by default. On a
+    GPU at batch 1, where Triton once typed the counter streams' 64-bit arithmetic int32."""
     from torch._dynamo import config as dynamo_config
 
     from var.sampling import fast
 
-    var = _model(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
-    vq = VQVAE(dataclasses.replace(PRESETS["vq_test32"], resolution=128, patch_nums=var.patch_nums)).eval()
-    labels, seeds = torch.tensor([1, 4, 10]), [3, 4, 5]
+    var = _model(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)).to(device)
+    vq = VQVAE(dataclasses.replace(PRESETS["vq_test32"], resolution=128, patch_nums=var.patch_nums)).to(device).eval()
+    labels, seeds = torch.tensor(labels, device=device), [3, 4, 5][: len(labels)]
     settings = dict(cfg=1.5, top_k=40, top_p=0.9)
     ref, _ = run_scales(var, vq, labels, seeds, **settings)
     torch._dynamo.reset()
@@ -136,3 +141,32 @@ def test_compiled_draws_give_the_eager_tokens_with_two_graphs_for_all_scales():
         assert torch.equal(a, b)
     assert len({tuple(t[0].tolist()) for t in ref[4:]}) > 1  # real draws, not one repeated token
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_gelu_in_the_gemm_epilogue_is_the_autocast_linear_and_gelu_on_gpu():
+    """fc1 and its tanh GELU as one cuBLASLt GEMM: autocast's two kernels up to one bf16 rounding of the
+    pre-activation, at every row count sampling uses (one row included) and for 3-D inputs."""
+    from var.models.transformer import linear_tanh_gelu
+
+    torch.manual_seed(0)
+    fc1 = torch.nn.Linear(64, 256).cuda()
+    for shape in ((1, 64), (2, 64), (6, 9, 64), (128, 256, 64)):
+        x = torch.randn(shape, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = torch.nn.functional.gelu(fc1(x), approximate="tanh")
+            got = linear_tanh_gelu(x, fc1.weight, fc1.bias, torch.bfloat16)
+        assert got.dtype == ref.dtype == torch.bfloat16 and got.shape == ref.shape
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@torch.no_grad()
+def test_graphed_steps_leave_the_ffn_as_training_runs_it():
+    """The GELU epilogue is on only while the graphed steps run (it has no backward, and the test loss must
+    round as training does)."""
+    var = _model(patch_nums=(1, 2))
+    steps = GraphedScaleSteps(var, rows=2, dtype=torch.bfloat16, graphs=False)
+    cond = var.class_emb(torch.tensor([0, 10]))
+    steps(cond, None, 0)
+    assert all(b.ffn.gelu_epilogue_dtype is None for b in var.blocks)

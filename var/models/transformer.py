@@ -80,14 +80,29 @@ class DropPath(nn.Module):
         return f"p={self.p:g}"
 
 
+def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """gelu_tanh(x @ weight^T + bias) in ``dtype`` as one CUDA GEMM with the activation in its epilogue
+    (``torch._addmm_activation``, cuBLASLt's tanh GELU): the pre-activation is never written to memory and
+    read back. The activation is taken from the fp32 accumulator and rounded once; autocast's two kernels
+    round the pre-activation to ``dtype`` first. No backward: for inference only."""
+    h = torch._addmm_activation(bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).t(),
+                                use_gelu=True)
+    return h.view(*x.shape[:-1], h.shape[-1])
+
+
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
+        # Set (to the autocast dtype) by graphed sampling while it runs: fc1 and GELU as one GEMM on CUDA
+        # without grad. None everywhere else, so training and the test loss round as autocast does.
+        self.gelu_epilogue_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_epilogue_dtype is not None and x.is_cuda and not torch.is_grad_enabled():
+            return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu_epilogue_dtype))
         return self.fc2(self.act(self.fc1(x)))
 
 

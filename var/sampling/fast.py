@@ -5,7 +5,7 @@ The fast path (CUDA only) runs each scale as a CUDA graph of compiled blocks on 
 (graphed.py), draws each scale's tokens with the compiled form of the plain path's ``draw_scale`` (the
 same per-image counter streams), and decodes with the compiled channels-last decoder under autocast, so an
 image differs from the plain one by kernel rounding only; bench/results/ has the speed (d16, batch 64:
-112.6 img/s plain, 296.8 fast on an H100).
+112.6 img/s plain, 324.8 fast on an H100).
 """
 
 from __future__ import annotations
@@ -17,25 +17,30 @@ import torch
 from var.errors import ConfigError
 from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import autocast_dtype, autocast_for
-from var.sampling.sampler import draw_scale, sample_images
+from var.sampling.sampler import draw_scale, draw_with_uniforms, sample_images, token_uniforms
 
-# False: the fast path draws eagerly (the benchmark's ablation, bench.sample_speed --eager-draws).
+# False: the fast path draws eagerly (the benchmark's ablation, bench.sample_speed --off eager-draws).
 COMPILE_DRAWS = True
 _COMPILED_DRAW: list = []
 
 
 def compiled_draw(logits, keys, begin, t, temperature, top_k, top_p) -> torch.Tensor:
-    """``draw_scale`` through torch.compile: the guidance mix, filters, softmax, counter streams and
-    inverse-CDF draw fuse into a few kernels around the sort (eagerly ~30 per scale: ~14 ms of a d16 batch of
-    64 on an H100). Sizes, the token offset and the guidance weight stay symbolic (floats unspecialised,
-    else each scale's weight would compile a graph of its own), so the ten scales share two graphs."""
+    """``draw_scale`` with its draw through torch.compile: the guidance mix, filters, softmax and inverse-CDF
+    draw fuse into a few kernels around the sort (eagerly ~30 per scale: ~14 ms of a d16 batch of 64 on an
+    H100). Sizes and the guidance weight stay symbolic (floats unspecialised, else each scale's weight would
+    compile a graph of its own), so the ten scales share two graphs.
+
+    The counter streams' uniforms are computed eagerly (a dozen tiny kernels): compiled, Inductor folds the
+    token positions (an arange from the symbolic offset) into index arithmetic that it types int32 at small
+    sizes, where SplitMix64's 64-bit constants overflow it (batch 1 failed to compile on an H100)."""
     import torch._dynamo.config as dynamo_config
 
     if not _COMPILED_DRAW:
-        _COMPILED_DRAW.append(torch.compile(draw_scale, dynamic=True))
+        _COMPILED_DRAW.append(torch.compile(draw_with_uniforms, dynamic=True))
+    uniforms = token_uniforms(keys, begin, logits.shape[1])
     patch = {"specialize_float": False} if hasattr(dynamo_config, "specialize_float") else {}
     with dynamo_config.patch(**patch):
-        return _COMPILED_DRAW[0](logits, keys, begin, t, temperature, top_k, top_p)
+        return _COMPILED_DRAW[0](logits, uniforms, t, temperature, top_k, top_p)
 
 
 def resolve_fast(setting, device: torch.device, key: str) -> bool:

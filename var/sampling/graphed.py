@@ -8,12 +8,15 @@ whole scale with one launch. What runs is the same module code as the eager step
 the eager ones (tests/test_fast_paths.py and tests/test_graphed_sampling.py compare them on the GPU; on
 the CPU the static cache path is compared with the growing cache).
 
-Two more things the eager step wastes, both removed here without changing what is computed:
+Three more things the eager step wastes, removed here (the first and the last without changing what is
+computed, the second with one bf16 rounding fewer):
 
 - Autocast rounds every fp32 Linear weight to bf16 again at every scale (d30: 1.3 B weights, ten times per
   batch). Here the blocks' Linear layers run on bf16 copies made once, which is bitwise what autocast
   computes; the copies follow the model's weights (re-copied when a weight's version counter moves, as an
   optimizer step or ``load_state_dict`` does; after writes through ``.data`` call ``refresh_weights``).
+- fc1's GELU runs in the GEMM's epilogue (``GELU_EPILOGUE``, CUDA only): the activation from the fp32
+  accumulator, rounded once, instead of a bf16 pre-activation written out and read back by a second kernel.
 - ``compile=True``: each block runs through torch.compile (one set of graphs for every block and scale:
   shapes and the cache offset are symbolic), which fuses the LayerNorm/AdaLN, q/k normalisation, GELU and
   residual elementwise work that eagerly is ~20 memory-bound kernels per block.
@@ -33,6 +36,9 @@ from torch import nn
 # stays symbolic, so the ten scales share graphs instead of specialising one each.
 _DYNAMO_OPTIONS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 32}
 _COMPILED_BLOCKS: dict = {}
+# fc1 and its GELU as one GEMM with the activation in the epilogue (transformer.linear_tanh_gelu); False:
+# two kernels as under autocast (the benchmark's ablation, bench.sample_speed --off no-gelu-epilogue).
+GELU_EPILOGUE = True
 
 
 def _block_forward(block, x, cond, mask):
@@ -126,6 +132,7 @@ class GraphedScaleSteps:
         self.var.enable_kv_cache(True)
         for b, (k, v) in zip(self.var.blocks, self.caches):
             b.attn.use_static_cache(k, v)
+            b.ffn.gelu_epilogue_dtype = self.dtype if GELU_EPILOGUE else None
         try:
             with contextlib.ExitStack() as stack:
                 if self.low is not None:
@@ -136,6 +143,7 @@ class GraphedScaleSteps:
         finally:
             for b in self.var.blocks:
                 b.attn.use_static_cache(None, None)
+                b.ffn.gelu_epilogue_dtype = None
             self.var.enable_kv_cache(False)
 
     def _autocast(self):

@@ -125,13 +125,19 @@ def guided_logits(logits: torch.Tensor, t: float | None, temperature: float = 1.
     return top_k_top_p_filter(logits, top_k, top_p)
 
 
+def draw_with_uniforms(logits: torch.Tensor, uniforms: torch.Tensor, t: float | None, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Token indices (B, l) of one scale from its model logits ((2B if guided else B), l, V): the softmax
+    of ``guided_logits``, drawn by inverse CDF with the uniforms (B, l). One function, so that the fast path
+    can compile it whole (fast.py) and draw what this draws."""
+    probs = guided_logits(logits, t, temperature, top_k, top_p).softmax(dim=-1)
+    return inverse_cdf_draw(probs, uniforms)
+
+
 def draw_scale(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float | None, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Token indices (B, l) of one scale from its model logits ((2B if guided else B), l, V): the softmax
-    of ``guided_logits``, drawn by inverse CDF with the images' counter streams (tokens begin..begin+l).
-    One function, so that the fast path can compile it whole (fast.py) and draw what this draws."""
-    probs = guided_logits(logits, t, temperature, top_k, top_p).softmax(dim=-1)
-    return inverse_cdf_draw(probs, token_uniforms(keys, begin, logits.shape[1]))
+    """``draw_with_uniforms`` with the images' counter streams for tokens begin..begin+l of the pyramid."""
+    return draw_with_uniforms(logits, token_uniforms(keys, begin, logits.shape[1]), t, temperature, top_k, top_p)
 
 
 # --------------------------------------------------------------------------------------------- core
