@@ -18,10 +18,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import set_attention_knobs
 
-FAMILIES = [("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq"),
-            ("conv", r"conv|implicit|winograd|cudnn"), ("sort/topk", r"sort|topk|radix|select"),
-            ("optimizer", r"adam|multi_tensor|foreach"), ("triton", r"triton"), ("norm", r"norm"),
+# Kernel families, first match wins: Triton first (Inductor names its kernels after the ops they fuse, e.g.
+# "convolution" or "scaled_dot_product"), then attention and convolution before the GEMM patterns, since
+# cuDNN's SDPA and implicit-GEMM convolution kernels carry "sm90" and "xmma" in their names too.
+FAMILIES = [("triton", r"^triton"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq"),
+            ("conv", r"conv|implicit|winograd|nchwToNhwc"), ("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"),
+            ("sort/topk", r"sort|topk|radix|select"), ("optimizer", r"adam|multi_tensor|foreach"), ("norm", r"norm"),
             ("copy/cast", r"copy|cast|convert"), ("reduce", r"reduce"), ("elementwise", r"elementwise|vectorized")]
+
+
+def family(kernel: str) -> str:
+    return next((f for f, pat in FAMILIES if re.search(pat, kernel, re.I)), "other")
 
 
 def main() -> None:
@@ -60,8 +67,7 @@ def main() -> None:
     total = sum(e.self_device_time_total for e in events)
     fam = defaultdict(float)
     for e in events:
-        name = next((f for f, pat in FAMILIES if re.search(pat, e.key, re.I)), "other")
-        fam[name] += e.self_device_time_total
+        fam[family(e.key)] += e.self_device_time_total
     print(f"{a.what} d{a.depth} b{a.batch} {a.variant}: GPU busy {total / 1e3 / a.iters:.1f} ms per iteration")
     for name, t in sorted(fam.items(), key=lambda kv: -kv[1]):
         print(f"  {name:12s} {t / 1e3 / a.iters:8.2f} ms  {100 * t / total:5.1f}%")
