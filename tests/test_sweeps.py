@@ -43,7 +43,7 @@ def _demo_sweep(tmp_path, tokens, depths, steps):
             "callbacks.checkpoint.every_n_train_steps=2", "task.record.num_eval_points=3", "logger=none"]
 
 
-# slow tier (~55 s on 2 cores); the fast tier keeps a killed grid point's re-run (test_a_run_killed_after_its_last_checkpoint_completes_on_rerun)
+# slow tier (~55 s on 2 cores): the fast tier keeps a killed grid point's re-run (the last-checkpoint test)
 @pytest.mark.slow
 def test_killed_demo_sweep_rerun_finishes_only_what_is_missing(small_token_cache, tmp_path):
     _, tokens = small_token_cache
@@ -117,7 +117,7 @@ def test_a_crashing_grid_point_is_recorded_and_the_sweep_goes_on(small_token_cac
     assert _records(tmp_path / "runs" / "scaling_demo") == records  # failed is not retried, complete not redone
 
 
-# slow tier: ~40 s on 2 cores; the fast tier keeps the pool launcher's killed-job test
+# slow tier (~40 s on 2 cores): the fast tier keeps the pool launcher's killed-job test
 @pytest.mark.slow
 def test_pool_launcher_runs_points_in_parallel_each_on_its_own_device(small_token_cache, tmp_path):
     """launcher=pool: two grid points at once, pinned to devices 0 and 1 (CUDA_VISIBLE_DEVICES; on a CPU

@@ -120,6 +120,7 @@ def _cpu_flash_flops() -> dict:
     cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_op is None or cpu_op in flop_registry:
         return {}
+
     def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         b, h, s_q, d_qk = query_shape
         return 2 * b * h * s_q * key_shape[-2] * (d_qk + value_shape[-1])  # QK^T and AV
