@@ -4,7 +4,8 @@
 
 The released tokenizer's architecture with random weights, bf16 autocast, channels-last, compiled
 (``prepare_fast_decoder``). ``group_norm``: ``channel_sums`` (the decoder's GroupNorm through per-channel
-sums, the default) or ``inductor`` (Inductor's own GroupNorm lowering). Each point runs in a fresh process;
+sums, the default) or ``inductor`` (Inductor's own GroupNorm lowering). ``upsample``: ``transposed`` (each
+x2 upsampling and its conv as one transposed conv, the default) or ``nearest`` (as written). Each point runs in a fresh process;
 the kernel split comes from one profiled batch. Never run in CI. One JSON line per measurement.
 """
 
@@ -23,27 +24,34 @@ from var.sampling.fast import prepare_fast_decoder
 from var.sampling.sampler import decode_fhat
 
 GROUP_NORMS = ("channel_sums", "inductor")
+UPSAMPLES = ("transposed", "nearest")
 # Triton first: its fused kernels' names mention the convolutions they read from.
 KINDS = [("triton", r"triton"), ("conv", r"conv|implicit_gemm|xmma|cudnn"), ("copy", r"copy|Memcpy")]
 
 
-def kernel_split(fn) -> dict:
-    """ms of one call by kernel kind (convolutions, Triton kernels, copies, other)."""
+def kernel_split(fn, top: int = 0) -> dict:
+    """ms of one call by kernel kind (convolutions, Triton kernels, copies, other); with ``top``, also the
+    ``top`` kernels that took longest as [ms, calls, name]."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     split = defaultdict(float)
-    for e in prof.key_averages():
-        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
-            kind = next((k for k, pat in KINDS if re.search(pat, e.key, re.I)), "other")
-            split[kind] += e.self_device_time_total / 1e3
-    return {f"{k}_ms": round(v, 2) for k, v in sorted(split.items())}
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    for e in kernels:
+        kind = next((k for k, pat in KINDS if re.search(pat, e.key, re.I)), "other")
+        split[kind] += e.self_device_time_total / 1e3
+    record = {f"{k}_ms": round(v, 2) for k, v in sorted(split.items())}
+    if top:
+        kernels.sort(key=lambda e: -e.self_device_time_total)
+        record["top_kernels"] = [[round(e.self_device_time_total / 1e3, 2), e.count, e.key[:120]] for e in kernels[:top]]
+    return record
 
 
-def measure(batch: int, group_norm: str, reps: int) -> dict:
+def measure(batch: int, group_norm: str, upsample: str, reps: int, top: int = 0) -> dict:
     import var.models.vqgan_blocks as vqgan_blocks
 
     vqgan_blocks.CHANNEL_SUM_GROUP_NORM = group_norm == "channel_sums"
+    vqgan_blocks.TRANSPOSED_UPSAMPLE_CONV = upsample == "transposed"
     vqvae = official_vqvae("cuda")
     prepare_fast_decoder(vqvae)
     f_hat = torch.randn(batch, vqvae.Cvae, 16, 16, device="cuda")
@@ -54,9 +62,10 @@ def measure(batch: int, group_norm: str, reps: int) -> dict:
 
     first_s, ms, img = time_calls(once, reps)
     assert img.shape == (batch, 3, 256, 256) and torch.isfinite(img).all()
-    return {"bench": "decoder", "batch": batch, "group_norm": group_norm, "ms_per_batch": round(ms, 2),
+    return {"bench": "decoder", "batch": batch, "group_norm": group_norm, "upsample": upsample,
+            "ms_per_batch": round(ms, 2),
             "img_per_s": round(batch / ms * 1e3, 1), "first_s": round(first_s, 1),
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **kernel_split(once),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **kernel_split(once, top),
             **environment()}
 
 
@@ -67,14 +76,18 @@ def main() -> None:
     ap.add_argument("--group-norm", default="channel_sums", choices=GROUP_NORMS)
     ap.add_argument("--batches", type=int, nargs="+", default=[64])
     ap.add_argument("--group-norms", nargs="+", default=list(GROUP_NORMS), choices=GROUP_NORMS)
+    ap.add_argument("--upsample", default="transposed", choices=UPSAMPLES)
+    ap.add_argument("--upsamples", nargs="+", default=list(UPSAMPLES), choices=UPSAMPLES)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernels", type=int, default=0, help="list this many of the longest kernels in each record")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.batch, a.group_norm, a.reps))
+        emit(measure(a.batch, a.group_norm, a.upsample, a.reps, a.kernels))
         return
-    points = [["--batch", str(b), "--group-norm", g, "--reps", str(a.reps)] for b in a.batches for g in a.group_norms]
+    points = [["--batch", str(b), "--group-norm", g, "--upsample", u, "--reps", str(a.reps),
+               "--kernels", str(a.kernels)] for b in a.batches for g in a.group_norms for u in a.upsamples]
     run_points("bench.decoder_speed", points, a.out, a.timeout)
 
 

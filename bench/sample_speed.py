@@ -56,6 +56,7 @@ LEVERS = {
     "inductor-group-norm": ("var.models.vqgan_blocks", "CHANNEL_SUM_GROUP_NORM", "channel_sum_group_norm"),
     "eager-draws": ("var.sampling.fast", "COMPILE_DRAWS", "compiled_draws"),
     "no-gelu-epilogue": ("var.sampling.graphed", "GELU_EPILOGUE", "gelu_epilogue"),
+    "nearest-upsample": ("var.models.vqgan_blocks", "TRANSPOSED_UPSAMPLE_CONV", "transposed_upsample_conv"),
 }
 
 
@@ -103,7 +104,9 @@ def main() -> None:
     ap.add_argument("--off", nargs="*", default=[], choices=sorted(LEVERS),
                     help="ablations: inductor-group-norm (the decoder's GroupNorm as Inductor lowers it, not "
                          "through per-channel sums), eager-draws (the tokens drawn eagerly, not compiled), "
-                         "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps)")
+                         "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps), "
+                         "nearest-upsample (the decoder's upsampling written out before its conv, not one "
+                         "transposed conv)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()

@@ -14,7 +14,13 @@ from var.checkpoints import CheckpointError
 from var.models.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from var.models.perceptual import LPIPS, load_lpips
 from var.models.quantizer import phi_indices
-from var.models.vqgan_blocks import GroupNorm, NarrowOutConv2d, group_norm_by_channel_sums
+from var.models.vqgan_blocks import (
+    GroupNorm,
+    NarrowOutConv2d,
+    Upsample2x,
+    group_norm_by_channel_sums,
+    upsample_conv_transposed,
+)
 from var.models.vqvae import PRESETS, VQVAE, VQVAEConfig, count_params, load_released_vqvae
 
 
@@ -394,3 +400,32 @@ def test_compiled_group_norm_takes_channel_sums_on_channels_last_input(monkeypat
     calls.clear()
     torch.testing.assert_close(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, 1e-6))  # eager: nn.GroupNorm
     assert not calls and list(norm.state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (8, 8)])
+def test_upsample_as_transposed_conv_equals_nearest_then_conv(hw):
+    torch.manual_seed(0)
+    up = Upsample2x(6).double()
+    x = torch.randn(2, 6, *hw, dtype=torch.float64, requires_grad=True)
+    ref = up(x)  # eager: interpolate, then the 3x3 conv
+    out = upsample_conv_transposed(x, up.conv.weight, up.conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, up.conv.weight, up.conv.bias), grad)
+    g_out = torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), grad)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_upsample_on_cuda_takes_the_transposed_conv(monkeypatch):
+    import var.models.vqgan_blocks as blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "upsample_conv_transposed",
+                        lambda *a: calls.append(1) or upsample_conv_transposed(*a))
+    up = Upsample2x(32).cuda()
+    x = torch.randn(2, 32, 8, 8, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        torch.testing.assert_close(torch.compile(up, backend="aot_eager")(x), up(x), rtol=1e-5, atol=1e-5)
+    assert calls, "the compiled CUDA path did not use the transposed conv"
