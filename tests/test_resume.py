@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from tests.conftest import REPO
 from var.data.sampler import ResumableSampler
@@ -47,14 +48,34 @@ def _run(cmd, cwd):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_sigkilled_run_resumes_bitwise_equal_to_an_uninterrupted_one(small_token_cache, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(small_token_cache, tmp_path_factory):
+    """The reference: the same run never stopped (its directory and per-step losses)."""
+    whole = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    _run(_cmd(small_token_cache[1], whole), whole.parent)
+    reference = _losses(whole)
+    assert sorted(reference) == list(range(STEPS))
+    return whole, reference
+
+
+class ExitAfterCheckpoint(Checkpoint):
+    """Ends the process the moment the checkpoint callbacks have saved step ``step``: Lightning orders
+    Checkpoint callbacks last, so this runs after ModelCheckpoint and before the step's metrics are logged."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os._exit(9)
+
+
+def test_sigkilled_run_resumes_bitwise_equal_to_an_uninterrupted_one(small_token_cache, uninterrupted, tmp_path):
     """400 images x 2 variants in batches of 32 give 25 steps per epoch, so the 60 steps cross two epoch
     boundaries and the kill lands mid-epoch; class dropout and drop path (0.008 at d2) are both on."""
     _, tokens = small_token_cache
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _run(_cmd(tokens, whole), tmp_path)
-    reference = _losses(whole)
-    assert sorted(reference) == list(range(STEPS))
+    whole, reference = uninterrupted
+    killed = tmp_path / "killed"
 
     proc = subprocess.Popen(_cmd(tokens, killed), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -88,6 +109,25 @@ def test_sigkilled_run_resumes_bitwise_equal_to_an_uninterrupted_one(small_token
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     assert not list((killed / "checkpoints").glob("*.tmp"))  # a kill mid-write leaves no litter behind
+
+
+def test_a_kill_between_a_checkpoint_and_its_steps_log_row_loses_no_row(small_token_cache, uninterrupted,
+                                                                         tmp_path):
+    """Lightning saves the checkpoint of step 8 before it logs the row of the step just run (7): a leg
+    killed in between resumes at 8, so that row comes back from the checkpoint (var/loggers.py)."""
+    _, tokens = small_token_cache
+    _, reference = uninterrupted
+    run_dir = tmp_path / "killed"
+    killer = [f"+callbacks.exit_after.{k}={v}" for k, v in
+              {"_target_": "tests.test_resume.ExitAfterCheckpoint", "step": 2 * EVERY}.items()]
+    res = subprocess.run(_cmd(tokens, run_dir) + killer, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * EVERY
+    assert sorted(_losses(run_dir)) == list(range(2 * EVERY - 1)), "the kill did not fall before the row"
+
+    _run(_cmd(tokens, run_dir), tmp_path)
+    after = _losses(run_dir)
+    assert after == reference
 
 
 def _global_batches(n, global_batch, world, epoch, skip=0):

@@ -9,6 +9,9 @@ CSV: Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts, 
 resumed in the same directory would keep only its last leg's metrics. ``ResumingCSVLogger`` keeps the
 earlier rows and drops only those the resumed leg logs again: the steps a killed leg ran past its last
 checkpoint belong to an abandoned trajectory, and the resumed leg replaces them. The file reads as one run.
+Lightning saves a step's checkpoint before it hands that step's metrics to the loggers, so a leg killed in
+between would resume after a step whose row it never wrote; ``LogRowInCheckpoint`` carries that row in the
+checkpoint and puts it back into metrics.csv when the run resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import hashlib
 from pathlib import Path
 
 import hydra
+import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
@@ -58,15 +63,32 @@ class ResumingExperimentWriter(ExperimentWriter):
         if self._earlier_rows is not None and self.metrics:
             # First save after a resume: keep the earlier legs' rows up to where this leg starts.
             first = min(int(m["step"]) for m in self.metrics)
-            kept = [r for r in self._earlier_rows if r.get("step") not in (None, "") and int(r["step"]) < first]
-            tmp = self.metrics_file_path + ".tmp"  # a crash mid-write keeps the old file whole
-            with self._fs.open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
-            self._fs.mv(tmp, self.metrics_file_path)
+            self._rewrite([r for r in self._earlier_rows if r.get("step") not in (None, "") and int(r["step"]) < first])
             self._earlier_rows = None
         super().save()
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        rows = [{k: v for k, v in r.items() if k is not None} for r in rows]  # None: a torn line's overflow
+        self.metrics_keys = sorted(set(self.metrics_keys).union(*rows))
+        tmp = self.metrics_file_path + ".tmp"  # a crash mid-write keeps the old file whole
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._fs.mv(tmp, self.metrics_file_path)
+
+    def restore_row(self, row: dict) -> None:
+        """Write back a training row that the killed leg logged too late (see LogRowInCheckpoint), unless a
+        row of that step already carries its metrics. Before the resumed leg's first save, which keeps it."""
+        if self._earlier_rows is None and self._fs.isfile(self.metrics_file_path):
+            return  # this leg has written already: too late to insert a row before it
+        rows = self._earlier_rows or []
+        keys = set(row) - {"step", "epoch"}
+        if any(r.get("step") == str(row["step"]) and all(r.get(k) not in (None, "") for k in keys) for r in rows):
+            return
+        rows = sorted([*rows, row], key=lambda r: int(r["step"]) if r.get("step") not in (None, "") else -1)
+        self._rewrite(rows)
+        self._earlier_rows = rows
 
 
 class ResumingCSVLogger(CSVLogger):
@@ -79,3 +101,43 @@ class ResumingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ResumingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class LogRowInCheckpoint(L.Callback):
+    """Carries the training step's row of logged metrics in each checkpoint saved at that step's end.
+
+    Lightning runs the checkpoint callbacks in ``on_train_batch_end`` and logs the step's metrics after all
+    hooks: a leg killed in between resumes after a step whose row is missing from metrics.csv. The row is
+    taken here (this callback runs before the checkpoint callbacks, which Lightning orders last) exactly as
+    Lightning is about to log it, and on resume each ``ResumingCSVLogger`` gets it back if it lacks it."""
+
+    def __init__(self):
+        self._row: dict | None = None
+        self._restored: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        connector = trainer._logger_connector  # what update_train_step_metrics is about to log, and when
+        accumulating = trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization
+        metrics = connector.metrics["log"] if connector.should_update_logs and not accumulating else {}
+        self._row = None
+        if metrics:
+            self._row = {**convert_tensors_to_scalars(metrics), "epoch": trainer.current_epoch,
+                         "step": trainer.fit_loop.epoch_loop._batches_that_stepped}
+
+    def state_dict(self) -> dict:
+        return {"row": self._row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict.get("row")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._restored and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumingCSVLogger):
+                    logger.experiment.restore_row(dict(self._restored))
+        self._restored = None
+
+
+def logger_callbacks(loggers: list) -> list[L.Callback]:
+    """The callbacks the loggers need: the checkpointed log row when metrics.csv carries on across resumes."""
+    return [LogRowInCheckpoint()] if any(isinstance(lg, ResumingCSVLogger) for lg in loggers) else []

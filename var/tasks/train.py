@@ -28,7 +28,7 @@ from var.data.tokens import TokenDataModule
 from var.errors import ConfigError
 from var.lit.checkpoint_io import AtomicCheckpointIO, resume_checkpoint
 from var.lit.var_module import VARTrainingModule
-from var.loggers import build_loggers
+from var.loggers import build_loggers, logger_callbacks
 from var.models.flops import describe
 from var.models.zoo import VARConfig
 from var.record import read_record
@@ -212,6 +212,7 @@ def train(cfg: DictConfig, run_dir: Path, branch: dict | None = None) -> dict:
         NonFiniteGuard(),
         PreemptionHandler(str(run_dir / "checkpoints")),
         TrainingRNG(int(cfg.seed)),
+        *logger_callbacks(loggers),
     ]
     if plan:
         callbacks.append(BranchCheckpoints(run_dir, [b["step"] for b in plan]))

@@ -24,7 +24,7 @@ from var.config_checks import validate_train_tokenizer
 from var.data.datamodule import ImageShardDataModule
 from var.data.shards import read_manifest
 from var.errors import ConfigError, DataError
-from var.loggers import build_loggers
+from var.loggers import build_loggers, logger_callbacks
 from var.models.vqvae import VQVAEConfig
 
 # Task keys that do not change the trained weights; they stay out of the "same settings?" check.
@@ -78,6 +78,7 @@ def build_trainer(cfg: DictConfig, max_steps: int, val_every: int) -> L.Trainer:
     loggers = build_loggers(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
                  if loggers or name != "lr_monitor"]  # the LR monitor refuses a trainer without loggers
+    callbacks += logger_callbacks(loggers)
     t.update(max_steps=max_steps, val_check_interval=min(val_every, max_steps), check_val_every_n_epoch=None)
     from var.lit.checkpoint_io import AtomicCheckpointIO  # checkpoints written beside the target, renamed
 
