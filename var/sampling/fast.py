@@ -4,8 +4,8 @@ generation metrics of task=evaluate share.
 The fast path (CUDA only) runs each scale as a CUDA graph of compiled blocks on bf16 weight copies
 (graphed.py), draws each scale's tokens with the compiled form of the plain path's ``draw_scale`` (the
 same per-image counter streams), and decodes with the compiled channels-last decoder under autocast, so an
-image differs from the plain one by kernel rounding only; bench/results/ has the speed (d16, batch 64:
-112.6 img/s plain, 324.8 fast on an H100).
+image differs from the plain one by kernel rounding only; bench/results/ has the speed (d16, batch 64 on an
+H100: 112.6 img/s plain, 313.4 fast).
 """
 
 from __future__ import annotations
