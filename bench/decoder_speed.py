@@ -5,8 +5,9 @@
 The released tokenizer's architecture with random weights, bf16 autocast, channels-last, compiled
 (``prepare_fast_decoder``). ``group_norm``: ``channel_sums`` (the decoder's GroupNorm through per-channel
 sums, the default) or ``inductor`` (Inductor's own GroupNorm lowering). ``upsample``: ``transposed`` (each
-x2 upsampling and its conv as one transposed conv, the default) or ``nearest`` (as written). Each point runs in a fresh process;
-the kernel split comes from one profiled batch. Never run in CI. One JSON line per measurement.
+x2 upsampling and its conv as one transposed conv, the default) or ``nearest`` (as written). Each point
+runs in a fresh process; the kernel split comes from one profiled batch (``--kernels N`` adds the N
+longest kernels). Never run in CI. One JSON line per measurement.
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ def main() -> None:
                     ok = [r for r in recs if "ms" in r]
                     total = {"bench": "sample_attention", "backend": backend, "q_layout": layout, "depth": depth,
                              "rows": rows, "scales_timed": len(ok),
-                             "per_model_ms": round(sum(r["per_model_ms"] for r in ok), 2), **env}
+                             "per_model_ms": round(sum(r["per_model_ms"] for r in ok), 2)}
                     for rec in [*recs, total]:
-                        emit(rec)
+                        emit({**rec, **env})
                         if a.out:
                             with open(a.out, "a") as f:
                                 f.write(json.dumps({**rec, **env}) + "\n")
