@@ -112,20 +112,21 @@ class LogRowInCheckpoint(L.Callback):
     Lightning is about to log it, and on resume each ``ResumingCSVLogger`` gets it back if it lacks it."""
 
     def __init__(self):
-        self._row: dict | None = None
+        self._row: tuple[dict, int, int] | None = None  # (metrics, epoch, step) of the last logged step
         self._restored: dict | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         connector = trainer._logger_connector  # what update_train_step_metrics is about to log, and when
         accumulating = trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization
         metrics = connector.metrics["log"] if connector.should_update_logs and not accumulating else {}
-        self._row = None
-        if metrics:
-            self._row = {**convert_tensors_to_scalars(metrics), "epoch": trainer.current_epoch,
-                         "step": trainer.fit_loop.epoch_loop._batches_that_stepped}
+        self._row = (dict(metrics), trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped) \
+            if metrics else None
 
     def state_dict(self) -> dict:
-        return {"row": self._row}
+        if self._row is None:
+            return {"row": None}
+        metrics, epoch, step = self._row  # to numbers only here: a checkpoint, not every step, waits for the GPU
+        return {"row": {**convert_tensors_to_scalars(metrics), "epoch": epoch, "step": step}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict.get("row")
