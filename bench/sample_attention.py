@@ -17,22 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import OFFICIAL, emit, environment
+from bench.common import OFFICIAL, emit, environment, time_calls
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def measure(backend: str, depth: int, rows: int, reps: int, q_layout: str) -> list[dict]:
@@ -62,7 +50,7 @@ def measure(backend: str, depth: int, rows: int, reps: int, q_layout: str) -> li
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     F.scaled_dot_product_attention(q, k, v, scale=1.0)
-            ms = replay_ms(graph, reps)
+            ms = time_calls(graph.replay, reps)[1]
             flop = 4 * rows * H * n * end * c
             rec.update(ms=round(ms, 4), per_model_ms=round(ms * depth, 3), tflops=round(flop / ms / 1e9, 1))
         except Exception as e:  # a backend that refuses a shape is one result, not the end of the run

@@ -49,6 +49,12 @@ def build_loggers(cfg: DictConfig, run_dir: str | Path) -> list:
     return loggers
 
 
+def _row_step(row: dict) -> int | None:
+    """A metrics.csv row's step (None where the row has none)."""
+    step = row.get("step")
+    return None if step in (None, "") else int(step)
+
+
 class ResumingExperimentWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         # Replaces the parent's check, which deletes metrics.csv: read its header and rows instead.
@@ -63,7 +69,7 @@ class ResumingExperimentWriter(ExperimentWriter):
         if self._earlier_rows is not None and self.metrics:
             # First save after a resume: keep the earlier legs' rows up to where this leg starts.
             first = min(int(m["step"]) for m in self.metrics)
-            self._rewrite([r for r in self._earlier_rows if r.get("step") not in (None, "") and int(r["step"]) < first])
+            self._rewrite([r for r in self._earlier_rows if (step := _row_step(r)) is not None and step < first])
             self._earlier_rows = None
         super().save()
 
@@ -84,9 +90,9 @@ class ResumingExperimentWriter(ExperimentWriter):
             return  # this leg has written already: too late to insert a row before it
         rows = self._earlier_rows or []
         keys = set(row) - {"step", "epoch"}
-        if any(r.get("step") == str(row["step"]) and all(r.get(k) not in (None, "") for k in keys) for r in rows):
+        if any(_row_step(r) == row["step"] and all(r.get(k) not in (None, "") for k in keys) for r in rows):
             return
-        rows = sorted([*rows, row], key=lambda r: int(r["step"]) if r.get("step") not in (None, "") else -1)
+        rows = sorted([*rows, row], key=lambda r: -1 if _row_step(r) is None else _row_step(r))
         self._rewrite(rows)
         self._earlier_rows = rows
 
