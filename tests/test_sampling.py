@@ -144,6 +144,9 @@ def test_top_k_top_p_filters():
     assert kept(top_k_top_p_filter(p, top_p=0.0)) == [True] * 4
     both = top_k_top_p_filter(torch.log(torch.tensor([[0.05, 0.15, 0.35, 0.45]])), top_k=3, top_p=0.5)
     assert kept(both) == [False, False, True, True]
+    # Ties at the top-p boundary are all kept (the sort would split them arbitrarily): cum 0.1, 0.3 <= 0.35
+    assert kept(top_k_top_p_filter(torch.log(torch.tensor([[0.2, 0.1, 0.5, 0.2]])), top_p=0.65)) == \
+        [True, False, True, True]
     assert not torch.isinf(logits).any()  # inputs are not modified
 
 

@@ -36,6 +36,10 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     With both, one sort serves both: the k-th largest logit is read off the ascending sort, and the tokens
     below it are exactly its leading entries, so masking them there gives the sorted top-k-filtered logits
     that top-p needs (the official sorts twice: a top-k, then a full sort of the filtered logits).
+
+    The dropped tokens are a leading run of the ascending sort (the cumulative sum only grows), so the
+    first kept sorted logit is a threshold in vocabulary order: no scatter of the mask back through the
+    sort's permutation. Logits tied with that threshold are all kept, as top-k keeps its boundary ties.
     """
     V = logits.shape[-1]
     use_k, use_p = 0 < top_k < V, 0 < top_p < 1
@@ -43,16 +47,13 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
         kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         return logits.masked_fill(logits < kth, -torch.inf)
     if use_p:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        below_k = None
+        sorted_logits = logits.sort(dim=-1, descending=False)[0]
+        kept = sorted_logits
         if use_k:
-            below_k = sorted_logits < sorted_logits[..., V - top_k: V - top_k + 1]
-            sorted_logits = sorted_logits.masked_fill(below_k, -torch.inf)
-        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        if below_k is not None:
-            drop |= below_k
-        drop[..., -1:] = False
-        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
+            kept = sorted_logits.masked_fill(sorted_logits < sorted_logits[..., V - top_k: V - top_k + 1], -torch.inf)
+        drop = kept.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)  # top-k's -inf leading entries included
+        dropped = drop[..., :-1].sum(dim=-1, keepdim=True)  # the most likely token always stays
+        logits = logits.masked_fill(logits < sorted_logits.gather(-1, dropped), -torch.inf)
     return logits
 
 
