@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from bench.common import emit, environment, official_vqvae, run_points, var_config
+from var.models.transformer import RESIDUAL_DTYPES
 from var.models.zoo import build_var
 from var.sampling.fast import ImageSampler
 
@@ -30,10 +31,10 @@ SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
 VARIANTS = ("plain", "graphs", "fast")
 
 
-def setup(depth: int, batch: int, variant: str):
+def setup(depth: int, batch: int, variant: str, residual_dtype: str = "param"):
     """(once, setup seconds): ``once(i)`` samples and decodes batch i (seeds i*batch ...)."""
     torch.manual_seed(0)
-    var = build_var(var_config(depth)).cuda().eval()
+    var = build_var(var_config(depth, residual_dtype=residual_dtype)).cuda().eval()
     vqvae = official_vqvae("cuda")
     t0 = time.perf_counter()
     sampler = ImageSampler(var, vqvae, "bf16", torch.device("cuda"), fast=variant != "plain",
@@ -54,6 +55,7 @@ def setup(depth: int, batch: int, variant: str):
 # says which were on.
 LEVERS = {
     "inductor-group-norm": ("var.models.vqgan_blocks", "CHANNEL_SUM_GROUP_NORM", "channel_sum_group_norm"),
+    "draw-kernel": ("var.sampling.fast", "DRAW_KERNEL", "draw_kernel"),
     "eager-draws": ("var.sampling.fast", "COMPILE_DRAWS", "compiled_draws"),
     "no-gelu-epilogue": ("var.sampling.graphed", "GELU_EPILOGUE", "gelu_epilogue"),
     "nearest-upsample": ("var.models.vqgan_blocks", "TRANSPOSED_UPSAMPLE_CONV", "transposed_upsample_conv"),
@@ -69,9 +71,10 @@ def set_levers(off: Sequence[str]) -> dict:
     return on
 
 
-def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = ()) -> dict:
+def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = (),
+            residual_dtype: str = "param") -> dict:
     levers = set_levers(off)
-    once, setup_s = setup(depth, batch, variant)
+    once, setup_s = setup(depth, batch, variant, residual_dtype)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
     torch.cuda.synchronize()
@@ -86,7 +89,7 @@ def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] 
         "bench": "sample", "depth": depth, "batch": batch, "variant": variant, **SETTINGS,
         "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
         "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
-        **levers,
+        **levers, "residual_dtype": residual_dtype,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
     }
 
@@ -103,17 +106,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: 10 at batch 1, 3 above)")
     ap.add_argument("--off", nargs="*", default=[], choices=sorted(LEVERS),
                     help="ablations: inductor-group-norm (the decoder's GroupNorm as Inductor lowers it, not "
-                         "through per-channel sums), eager-draws (the tokens drawn eagerly, not compiled), "
+                         "through per-channel sums), draw-kernel (the tokens drawn by the compiled draw_scale, not the "
+                         "Triton kernel), eager-draws (with draw-kernel: drawn eagerly, not compiled), "
                          "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps), "
                          "nearest-upsample (the decoder's upsampling written out before its conv, not one "
                          "transposed conv)")
+    ap.add_argument("--residual-dtype", default="param", choices=RESIDUAL_DTYPES,
+                    help="the model's residual stream: param (fp32, the default) or autocast (bf16, opt-in: "
+                         "it rounds the stream, so models trained with it sample with it)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype))
         return
-    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps), "--off", *a.off]
+    points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps),
+               "--residual-dtype", a.residual_dtype, "--off", *a.off]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

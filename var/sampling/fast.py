@@ -2,8 +2,8 @@
 generation metrics of task=evaluate share.
 
 The fast path (CUDA only) runs each scale as a CUDA graph of compiled blocks on bf16 weight copies
-(graphed.py), draws each scale's tokens with the compiled form of the plain path's ``draw_scale`` (the
-same per-image counter streams), and decodes with the compiled channels-last decoder under autocast, so an
+(graphed.py), draws each scale's tokens with one Triton kernel computing the plain path's ``draw_scale``
+(draw_kernel.py; the same per-image counter streams), and decodes with the compiled channels-last decoder under autocast, so an
 image differs from the plain one by kernel rounding only; bench/results/ has the speed (d16, batch 64 on an
 H100: 112.6 img/s plain, 313.4 fast).
 """
@@ -19,7 +19,9 @@ from var.sampling.graphed import GraphedStepsByRows
 from var.sampling.loading import autocast_dtype, autocast_for
 from var.sampling.sampler import draw_scale, draw_with_uniforms, sample_images, token_uniforms
 
-# False: the fast path draws eagerly (the benchmark's ablation, bench.sample_speed --off eager-draws).
+# The draws' levers (the benchmark's ablations, bench.sample_speed --off draw-kernel / eager-draws): the
+# Triton kernel (draw_kernel.py) where it applies, else draw_scale through torch.compile, else eagerly.
+DRAW_KERNEL = True
 COMPILE_DRAWS = True
 _COMPILED_DRAW: list = []
 
@@ -41,6 +43,18 @@ def compiled_draw(logits, keys, begin, t, temperature, top_k, top_p) -> torch.Te
     patch = {"specialize_float": False} if hasattr(dynamo_config, "specialize_float") else {}
     with dynamo_config.patch(**patch):
         return _COMPILED_DRAW[0](logits, uniforms, t, temperature, top_k, top_p)
+
+
+def fast_draw(logits, keys, begin, t, temperature, top_k, top_p) -> torch.Tensor:
+    """``draw_scale`` as the fast path draws: by the Triton kernel for fp32 CUDA logits (the graphed steps'
+    head), else compiled, as the levers above allow."""
+    if DRAW_KERNEL and logits.is_cuda:
+        from var.sampling import draw_kernel
+
+        if draw_kernel.supports(logits):
+            return draw_kernel.kernel_draw(logits, keys, begin, t, temperature, top_k, top_p)
+    draw = compiled_draw if COMPILE_DRAWS else draw_scale
+    return draw(logits, keys, begin, t, temperature, top_k, top_p)
 
 
 def resolve_fast(setting, device: torch.device, key: str) -> bool:
@@ -85,5 +99,5 @@ class ImageSampler:
         rows = labels.shape[0] * (2 if sampling_kwargs.get("cfg", 0) > 0 else 1)  # guidance doubles the batch
         return sample_images(self.var, self.vqvae, labels, seeds, autocast=self.autocast,
                              scale_step=self.graphs(rows) if self.fast else None,
-                             draw=compiled_draw if self.fast and self.compile and COMPILE_DRAWS else draw_scale,
+                             draw=fast_draw if self.fast and self.compile else draw_scale,
                              decode_autocast=self.fast, channels_last=self.fast, **sampling_kwargs)
