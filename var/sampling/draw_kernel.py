@@ -44,16 +44,16 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
         u = tl.load(logits + uncond_offset + base + offs, mask=inside, other=0.0)
         x = cond_w * x - uncond_w * u
     if TEMPERED:
-        x = x / temperature
+        x = tl.math.div_rn(x, temperature)
     # Order-preserving unsigned keys of the float bits: flip every bit of a negative, the sign bit of the rest.
     bits = x.to(tl.uint32, bitcast=True)
     key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
-    key = tl.where(inside, key, 0)  # below every logit's key (0 is a NaN's)
+    key = tl.where(inside, key, tl.full([BLOCK], 0, tl.uint32))  # below every logit's key (0 is a NaN's)
     one = tl.full([], 1, tl.uint32)
     kept = inside
     if USE_K:
         kth = tl.full([], 0, tl.uint32)
-        for i in range(32):
+        for i in tl.static_range(32):
             cand = kth | (one << (31 - i))
             count = tl.sum((key >= cand).to(tl.int32), 0)
             kth = tl.where(count >= top_k, cand, kth)
@@ -64,16 +64,16 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
     else:
         e = tl.where(kept, tl.exp(x - top), 0.0)
     if USE_P:
-        p = e / tl.sum(e, 0)
+        p = tl.math.div_rn(e, tl.sum(e, 0))
         below = tl.full([], 0, tl.uint32)  # the largest key whose mass with all below it is <= drop_mass
-        for i in range(32):
+        for i in tl.static_range(32):
             cand = below | (one << (31 - i))
             mass = tl.sum(tl.where(key <= cand, p, 0.0), 0)
             below = tl.where(mass <= drop_mass, cand, below)
-        first = tl.min(tl.where(key > below, key, 0xFFFFFFFF), 0)
+        first = tl.min(tl.where(key > below, key, tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)), 0)
         first = tl.minimum(first, tl.max(key, 0))  # the most likely token always stays
         e = tl.where(key >= first, e, 0.0)
-    probs = e / tl.sum(e, 0)
+    probs = tl.math.div_rn(e, tl.sum(e, 0))  # IEEE division, as eagerly (Triton's / may round otherwise)
     cdf = tl.cumsum(probs, 0)
     # The image's counter stream (sampler.token_uniforms): SplitMix64 of its key plus the token's number.
     image = row // tokens_per_image
