@@ -19,6 +19,7 @@ boundary (tests/test_draw_kernel.py compares the two).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -109,8 +110,7 @@ def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float |
     out = torch.empty(B, tokens, dtype=torch.long, device=logits.device)
     if out.numel() == 0:
         return out
-    # The scalars are rounded to fp32 as a tensor-scalar product rounds them.
-    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    f32 = lambda v: float(np.float32(v))  # noqa: E731  (rounded as a tensor-scalar product rounds them)
     _draw_kernel[(B * tokens,)](
         logits, keys, out, tokens, B * tokens * V, begin,
         f32(1 + t) if t is not None else 1.0, f32(t) if t is not None else 0.0, f32(temperature),
