@@ -23,11 +23,9 @@ from var.sampling.fast import compiled_draw
 from var.sampling.sampler import draw_scale, guidance_scale, stream_keys
 
 SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
-# kernel_wN: the kernel with N warps per program instead of its default 8; kernel_rbN: N threshold bits per
-# reduction instead of its default (draw_kernel.RADIX_BITS).
-DRAWS = {"kernel": kernel_draw, "compiled": compiled_draw, "eager": draw_scale,
-         **{f"kernel_w{n}": functools.partial(kernel_draw, num_warps=n) for n in (4, 16)},
-         **{f"kernel_rb{n}": functools.partial(kernel_draw, radix_bits=n) for n in (1, 2, 4)}}
+# kernel_w4: the kernel with 4 warps per program instead of its default 8.
+DRAWS = {"kernel": kernel_draw, "kernel_w4": functools.partial(kernel_draw, num_warps=4),
+         "compiled": compiled_draw, "eager": draw_scale}
 
 
 def measure(batch: int, draw_name: str, reps: int) -> dict:

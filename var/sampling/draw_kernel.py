@@ -9,8 +9,8 @@ batch of 64 on an H100, compiled). Neither threshold needs the order, only a val
   1 - top_p (``sampler.top_k_top_p_filter``), i.e. the first kept key above the largest T with
   mass(key <= T) <= 1 - top_p.
 
-Both are found digit by digit over the logits' order-preserving integer keys, each step a count or a sum
-over the row held in registers for every value of the next RADIX_BITS bits. So the logits are read once, the guidance mix, the counter-stream
+Both are found bit by bit, 32 halvings over the logits' order-preserving integer keys, each a count or a
+sum over the row held in registers. So the logits are read once, the guidance mix, the counter-stream
 uniform and the draw happen in the same program, and nothing is sorted or written back but the token.
 What may differ from the plain draw is the rounding of sums (a tree here, a sorted cumulative sum there)
 and of exp, so a token can differ only where a threshold or the uniform falls within a few ulps of a
@@ -29,15 +29,13 @@ from var.sampling.sampler import _GOLDEN, _MIX1, _MIX2
 
 # The row must fit one program's registers: the official vocabulary is 4096.
 MAX_VOCAB = 16384
-# Threshold bits fixed per reduction (see _draw_kernel's searches).
-RADIX_BITS = 2
 
 
 @triton.jit
 def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond_w, uncond_w, temperature,
                  top_k, drop_mass, golden, mix1, mix2, V: tl.constexpr, BLOCK: tl.constexpr,
                  GUIDED: tl.constexpr, TEMPERED: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr,
-                 LIBDEVICE_EXP: tl.constexpr, RADIX_BITS: tl.constexpr):
+                 LIBDEVICE_EXP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     inside = offs < V
@@ -52,17 +50,14 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
     bits = x.to(tl.uint32, bitcast=True)
     key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
     key = tl.where(inside, key, tl.full([BLOCK], 0, tl.uint32))  # below every logit's key (0 is a NaN's)
+    one = tl.full([], 1, tl.uint32)
     kept = inside
-    # Each step fixes RADIX_BITS bits of a threshold: it tests every value of those bits at once, as one
-    # reduction over a (2**RADIX_BITS, BLOCK) tile, so the row is reduced 32 / RADIX_BITS times per search.
-    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)
-    no_digit = tl.zeros([1 << RADIX_BITS], tl.uint32)
     if USE_K:
-        kth = tl.full([], 0, tl.uint32)  # the largest key T with count(key >= T) >= top_k
-        for i in tl.static_range(32 // RADIX_BITS):
-            cand = kth | (digits << (32 - RADIX_BITS * (i + 1)))
-            count = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
-            kth = tl.max(tl.where(count >= top_k, cand, no_digit), 0)  # digit 0's count always is >= top_k
+        kth = tl.full([], 0, tl.uint32)
+        for i in tl.static_range(32):
+            cand = kth | (one << (31 - i))
+            count = tl.sum((key >= cand).to(tl.int32), 0)
+            kth = tl.where(count >= top_k, cand, kth)
         kept = key >= kth
     top = tl.max(tl.where(kept, x, float("-inf")), 0)
     if LIBDEVICE_EXP:  # expf, as the eager softmax (tl.exp is an approximation); the CPU interpreter has none
@@ -72,10 +67,10 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
     if USE_P:
         p = tl.math.div_rn(e, tl.sum(e, 0))
         below = tl.full([], 0, tl.uint32)  # the largest key whose mass with all below it is <= drop_mass
-        for i in tl.static_range(32 // RADIX_BITS):
-            cand = below | (digits << (32 - RADIX_BITS * (i + 1)))
-            mass = tl.sum(tl.where(key[None, :] <= cand[:, None], p[None, :], 0.0), 1)
-            below = tl.max(tl.where(mass <= drop_mass, cand, no_digit), 0)  # digit 0's mass always is
+        for i in tl.static_range(32):
+            cand = below | (one << (31 - i))
+            mass = tl.sum(tl.where(key <= cand, p, 0.0), 0)
+            below = tl.where(mass <= drop_mass, cand, below)
         first = tl.min(tl.where(key > below, key, tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)), 0)
         first = tl.minimum(first, tl.max(key, 0))  # the most likely token always stays
         e = tl.where(key >= first, e, 0.0)
@@ -104,16 +99,12 @@ def supports(logits: torch.Tensor) -> bool:
 
 
 def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float | None, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 0.0, num_warps: int | None = None,
-                radix_bits: int = RADIX_BITS) -> torch.Tensor:
+                top_k: int = 0, top_p: float = 0.0, num_warps: int | None = None) -> torch.Tensor:
     """``sampler.draw_scale``'s arguments and result (token indices (B, l)), drawn by ``_draw_kernel``.
-    num_warps: per program (default: 8 for vocabularies above 2048, else 4); radix_bits: bits of a threshold
-    fixed per reduction (1, 2 or 4)."""
+    num_warps: per program (default: 8 for vocabularies above 2048, else 4)."""
     if not supports(logits):
         raise ValueError(f"kernel_draw needs contiguous fp32 logits of at most {MAX_VOCAB} entries per row, "
                          f"got {logits.dtype} {tuple(logits.shape)}")
-    if radix_bits not in (1, 2, 4):
-        raise ValueError(f"kernel_draw: radix_bits={radix_bits}, expected 1, 2 or 4 (a divisor of 32 up to 4)")
     rows, tokens, V = logits.shape
     B = rows // 2 if t is not None else rows
     out = torch.empty(B, tokens, dtype=torch.long, device=logits.device)
@@ -125,6 +116,5 @@ def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float |
         f32(1 + t) if t is not None else 1.0, f32(t) if t is not None else 0.0, f32(temperature),
         top_k, f32(1 - top_p), _unsigned(_GOLDEN), _unsigned(_MIX1), _unsigned(_MIX2),
         V=V, BLOCK=triton.next_power_of_2(V), GUIDED=t is not None, TEMPERED=temperature != 1.0,
-        USE_K=0 < top_k < V, USE_P=0 < top_p < 1, LIBDEVICE_EXP=logits.is_cuda, RADIX_BITS=radix_bits,
-        num_warps=num_warps or (8 if V > 2048 else 4), enable_fp_fusion=False)
+        USE_K=0 < top_k < V, USE_P=0 < top_p < 1, LIBDEVICE_EXP=logits.is_cuda, num_warps=num_warps or (8 if V > 2048 else 4), enable_fp_fusion=False)
     return out
