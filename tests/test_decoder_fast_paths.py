@@ -96,13 +96,13 @@ def test_compiled_upsample_on_cuda_takes_the_transposed_conv(monkeypatch):
     assert calls, "the compiled CUDA path did not use the transposed conv"
 
 
-@pytest.mark.parametrize("at", [64, 100])
-def test_conv_split_at_a_tile_equals_one_conv(at):
+@pytest.mark.parametrize("at, stride", [(64, 1), (100, 2)])
+def test_conv_split_at_a_tile_equals_one_conv(at, stride):
     torch.manual_seed(0)
-    conv = TileSplitConv2d(24, 160, kernel_size=3, padding=1).double()
+    conv = TileSplitConv2d(24, 160, kernel_size=3, stride=stride, padding=1).double()
     x = torch.randn(2, 24, 5, 7, dtype=torch.float64, requires_grad=True)
     ref = conv(x)  # eager: one conv
-    out = conv_split_outputs(x, conv.weight, conv.bias, at, conv.padding)
+    out = conv_split_outputs(x, conv.weight, conv.bias, at, conv.stride, conv.padding, conv.dilation)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), grad)

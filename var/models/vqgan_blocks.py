@@ -88,23 +88,25 @@ class NarrowOutConv2d(nn.Conv2d):
 
 
 class TileSplitConv2d(nn.Conv2d):
-    """A stride-1 conv that, compiled on CUDA, runs as ``conv_split_outputs`` at the last multiple of
-    ``OUTPUT_TILE`` output channels: cuDNN's NHWC bf16 kernels take the output channels in 64-wide tiles, so
-    the released decoder's 160 fill 2.5 of 3 (one 3x3 160 -> 160 conv on 64 x 256^2: 5.45 ms as one, 4.62 ms
-    as 128 + 32 with the concatenation, H100; ``bench.decoder_conv``). Each output channel is the same sum;
-    parameters and state-dict keys are those of nn.Conv2d."""
+    """A conv that, compiled on CUDA, runs as ``conv_split_outputs`` at the last multiple of ``OUTPUT_TILE``
+    output channels: cuDNN's NHWC bf16 kernels take the output channels in 64-wide tiles, so the released
+    decoder's 160 fill 2.5 of 3 (one 3x3 160 -> 160 conv on 64 x 256^2: 5.45 ms as one, 4.62 ms as 128 + 32
+    with the concatenation, H100; ``bench.decoder_conv``). Each output channel is the same sum; parameters
+    and state-dict keys are those of nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         at = self.out_channels - self.out_channels % OUTPUT_TILE
-        if SPLIT_CONV_OUTPUT and 0 < at < self.out_channels and torch.compiler.is_compiling() and x.is_cuda:
-            return conv_split_outputs(x, self.weight, self.bias, at, self.padding)
+        if (SPLIT_CONV_OUTPUT and 0 < at < self.out_channels and self.groups == 1 and self.padding_mode == "zeros"
+                and torch.compiler.is_compiling() and x.is_cuda):
+            return conv_split_outputs(x, self.weight, self.bias, at, self.stride, self.padding, self.dilation)
         return super().forward(x)
 
 
 def conv_split_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, at: int,
-                       padding) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding) as two convs, output channels [0, at) and [at, C), joined."""
-    parts = [F.conv2d(x, weight[part], None if bias is None else bias[part], padding=padding)
+                       stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation) as two convs, output channels [0, at) and
+    [at, C), joined."""
+    parts = [F.conv2d(x, weight[part], None if bias is None else bias[part], stride, padding, dilation)
              for part in (slice(0, at), slice(at, None))]
     return torch.cat(parts, dim=1)
 
