@@ -19,12 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit, environment, time_calls
+from var.models.vqgan_blocks import conv_split_outputs
 
 WAYS = ("cudnn", "cudnn_all", "split", "autotune")
-
-
-def split_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, at: int = 128) -> torch.Tensor:
-    return torch.cat([F.conv2d(x, w[:at], b[:at], padding=1), F.conv2d(x, w[at:], b[at:], padding=1)], dim=1)
 
 
 def measure(size: int, channels: int, way: str, batch: int, reps: int) -> dict:
@@ -38,7 +35,7 @@ def measure(size: int, channels: int, way: str, batch: int, reps: int) -> dict:
     b = torch.randn(channels, device="cuda", generator=g, dtype=torch.bfloat16)
     plain = lambda: F.conv2d(x, w, b, padding=1)  # noqa: E731
     if way == "split":
-        fn = torch.compile(lambda: split_conv(x, w, b))
+        fn = torch.compile(lambda: conv_split_outputs(x, w, b, 128, padding=1))  # as the decoder would
     elif way == "autotune":
         fn = torch.compile(plain, mode="max-autotune-no-cudagraphs")
     else:
