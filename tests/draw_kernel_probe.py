@@ -1,6 +1,7 @@
 """Run by tests/test_draw_kernel.py in a process of its own with TRITON_INTERPRET=1 (Triton's CPU
 interpreter must be chosen before Triton is imported): draws every case with the kernel and with
-``draw_scale`` and prints one JSON line per case with the number of tokens that differ."""
+``draw_scale`` and prints one JSON line per case and top-k search (full or stopping early) with the number of
+tokens that differ."""
 
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ def main() -> None:
     for name, (images, tokens, V, t, temperature, top_k, top_p, begin) in CASES.items():
         keys = stream_keys([3 + i for i in range(images - 1)] + [2**64 - 7], "cpu")
         x = logits_for(name, images * (2 if t is not None else 1), tokens, V, g)
-        got = kernel_draw(x, keys, begin, t, temperature, top_k, top_p)
         ref = draw_scale(x, keys, begin, t, temperature, top_k, top_p)
-        print(json.dumps({"case": name, "tokens": ref.numel(), "differ": int((got != ref).sum()),
-                          "distinct": len(set(ref.flatten().tolist())), "shape_ok": got.shape == ref.shape}))
+        for early_stop in (False, True):
+            got = kernel_draw(x, keys, begin, t, temperature, top_k, top_p, early_stop=early_stop)
+            print(json.dumps({"case": name, "early_stop": early_stop, "tokens": ref.numel(),
+                              "differ": int((got != ref).sum()), "distinct": len(set(ref.flatten().tolist())),
+                              "shape_ok": got.shape == ref.shape}))
 
 
 if __name__ == "__main__":

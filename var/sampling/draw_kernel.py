@@ -29,13 +29,16 @@ from var.sampling.sampler import _GOLDEN, _MIX1, _MIX2
 
 # The row must fit one program's registers: the official vocabulary is 4096.
 MAX_VOCAB = 16384
+# The top-k search stops once exactly k keys lie at or above its threshold (the same set; off until timed
+# against the full 32 halvings: ``python -m bench.draw_speed --draws kernel kernel_early_stop``).
+TOPK_EARLY_STOP = False
 
 
 @triton.jit
 def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond_w, uncond_w, temperature,
                  top_k, drop_mass, golden, mix1, mix2, V: tl.constexpr, BLOCK: tl.constexpr,
                  GUIDED: tl.constexpr, TEMPERED: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr,
-                 LIBDEVICE_EXP: tl.constexpr):
+                 LIBDEVICE_EXP: tl.constexpr, EARLY_STOP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     inside = offs < V
@@ -52,7 +55,20 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
     key = tl.where(inside, key, tl.full([BLOCK], 0, tl.uint32))  # below every logit's key (0 is a NaN's)
     one = tl.full([], 1, tl.uint32)
     kept = inside
-    if USE_K:
+    if USE_K and EARLY_STOP:
+        # Once exactly k keys lie at or above the threshold they are the set the full search keeps (with
+        # ties at the k-th key the count never equals k, and all 32 bits are found).
+        kth = tl.full([], 0, tl.uint32)
+        kept_count = tl.full([], BLOCK, tl.int32)
+        bit = tl.full([], 31, tl.int32)
+        while (bit >= 0) & (kept_count != top_k):
+            cand = kth | (one << bit.to(tl.uint32))
+            count = tl.sum((key >= cand).to(tl.int32), 0)
+            kth = tl.where(count >= top_k, cand, kth)
+            kept_count = tl.where(count >= top_k, count, kept_count)
+            bit -= 1
+        kept = key >= kth
+    elif USE_K:
         kth = tl.full([], 0, tl.uint32)
         for i in tl.static_range(32):
             cand = kth | (one << (31 - i))
@@ -99,9 +115,11 @@ def supports(logits: torch.Tensor) -> bool:
 
 
 def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float | None, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 0.0, num_warps: int | None = None) -> torch.Tensor:
+                top_k: int = 0, top_p: float = 0.0, num_warps: int | None = None,
+                early_stop: bool | None = None) -> torch.Tensor:
     """``sampler.draw_scale``'s arguments and result (token indices (B, l)), drawn by ``_draw_kernel``.
-    num_warps: per program (default: 8 for vocabularies above 2048, else 4)."""
+    num_warps: per program (default: 8 for vocabularies above 2048, else 4); early_stop: the top-k search's
+    (default ``TOPK_EARLY_STOP``)."""
     if not supports(logits):
         raise ValueError(f"kernel_draw needs contiguous fp32 logits of at most {MAX_VOCAB} entries per row, "
                          f"got {logits.dtype} {tuple(logits.shape)}")
@@ -116,5 +134,7 @@ def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float |
         f32(1 + t) if t is not None else 1.0, f32(t) if t is not None else 0.0, f32(temperature),
         top_k, f32(1 - top_p), _unsigned(_GOLDEN), _unsigned(_MIX1), _unsigned(_MIX2),
         V=V, BLOCK=triton.next_power_of_2(V), GUIDED=t is not None, TEMPERED=temperature != 1.0,
-        USE_K=0 < top_k < V, USE_P=0 < top_p < 1, LIBDEVICE_EXP=logits.is_cuda, num_warps=num_warps or (8 if V > 2048 else 4), enable_fp_fusion=False)
+        USE_K=0 < top_k < V, USE_P=0 < top_p < 1, LIBDEVICE_EXP=logits.is_cuda,
+        EARLY_STOP=TOPK_EARLY_STOP if early_stop is None else early_stop,
+        num_warps=num_warps or (8 if V > 2048 else 4), enable_fp_fusion=False)
     return out
