@@ -152,3 +152,33 @@ def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
     (evil / ".metadata").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         check_shard_metadata(evil)
+
+
+def test_a_kill_while_metrics_csv_gains_a_column_keeps_its_rows(tmp_path, monkeypatch):
+    """A new metric makes the CSV writer rewrite metrics.csv with a wider header; a kill mid-rewrite (here
+    the rows' write raising) leaves the earlier rows whole, and the resumed run's writer carries on from them."""
+    import csv
+
+    from var.loggers import ResumingExperimentWriter
+
+    writer = ResumingExperimentWriter(log_dir=str(tmp_path))
+    writer.log_metrics({"loss": 1.0}, step=0)
+    writer.log_metrics({"loss": 0.5}, step=1)
+    writer.save()
+    before = (tmp_path / "metrics.csv").read_text()
+
+    real = csv.DictWriter.writerows
+    monkeypatch.setattr(csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(OSError("killed")))
+    writer.log_metrics({"loss": 0.25, "val_loss": 0.3}, step=2)
+    with pytest.raises(OSError, match="killed"):
+        writer.save()
+    assert (tmp_path / "metrics.csv").read_text() == before
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", real)
+    resumed = ResumingExperimentWriter(log_dir=str(tmp_path))
+    resumed.log_metrics({"loss": 0.25, "val_loss": 0.3}, step=2)
+    resumed.save()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"], r["val_loss"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""),
+                                                                     ("2", "0.25", "0.3")]

@@ -11,7 +11,8 @@ earlier rows and drops only those the resumed leg logs again: the steps a killed
 checkpoint belong to an abandoned trajectory, and the resumed leg replaces them. The file reads as one run.
 Lightning saves a step's checkpoint before it hands that step's metrics to the loggers, so a leg killed in
 between would resume after a step whose row it never wrote; ``LogRowInCheckpoint`` carries that row in the
-checkpoint and puts it back into metrics.csv when the run resumes.
+checkpoint and puts it back into metrics.csv when the run resumes. When a new metric widens the header,
+the file is rewritten through a temporary file, so a kill then keeps the rows written before.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class ResumingExperimentWriter(ExperimentWriter):
             self._rewrite([r for r in self._earlier_rows if (step := _row_step(r)) is not None and step < first])
             self._earlier_rows = None
         super().save()
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # The parent truncates metrics.csv and writes it again when a new metric appears: a kill in between
+        # would leave a header and no rows. Same rows, through the temporary file.
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.metrics_keys = list(fieldnames)
+        self._rewrite(rows)
 
     def _rewrite(self, rows: list[dict]) -> None:
         rows = [{k: v for k, v in r.items() if k is not None} for r in rows]  # None: a torn line's overflow
