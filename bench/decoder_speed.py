@@ -5,8 +5,7 @@
 The released tokenizer's architecture with random weights, bf16 autocast, channels-last, compiled
 (``prepare_fast_decoder``). ``group_norm``: ``channel_sums`` (the decoder's GroupNorm through per-channel
 sums, the default) or ``inductor`` (Inductor's own GroupNorm lowering). ``upsample``: ``transposed`` (each
-x2 upsampling and its conv as one transposed conv, the default) or ``nearest`` (as written). ``conv``:
-``split`` (160-channel convs as 128 + 32; ``vqgan_blocks.TileSplitConv2d``) or ``whole`` (the default).
+x2 upsampling and its conv as one transposed conv, the default) or ``nearest`` (as written).
 ``cudnn_limit``: how many of cuDNN's algorithms its per-shape search tries (torch's
 ``cudnn.benchmark_limit``; 0: all of them). Each point
 runs in a fresh process; the kernel split comes from one profiled batch (``--kernels N`` adds the N
@@ -29,7 +28,6 @@ from var.sampling.sampler import decode_fhat
 
 GROUP_NORMS = ("channel_sums", "inductor")
 UPSAMPLES = ("transposed", "nearest")
-CONVS = ("whole", "split")
 # Triton first: its fused kernels' names mention the convolutions they read from.
 KINDS = [("triton", r"triton"), ("conv", r"conv|implicit_gemm|xmma|cudnn"), ("copy", r"copy|Memcpy")]
 
@@ -52,11 +50,9 @@ def kernel_split(fn, top: int = 0) -> dict:
     return record
 
 
-def measure(batch: int, group_norm: str, upsample: str, reps: int, top: int = 0, cudnn_limit: int = 10,
-            conv: str = "whole") -> dict:
+def measure(batch: int, group_norm: str, upsample: str, reps: int, top: int = 0, cudnn_limit: int = 10) -> dict:
     import var.models.vqgan_blocks as vqgan_blocks
 
-    vqgan_blocks.SPLIT_CONV_OUTPUT = conv == "split"
     vqgan_blocks.CHANNEL_SUM_GROUP_NORM = group_norm == "channel_sums"
     vqgan_blocks.TRANSPOSED_UPSAMPLE_CONV = upsample == "transposed"
     vqvae = official_vqvae("cuda")
@@ -70,7 +66,7 @@ def measure(batch: int, group_norm: str, upsample: str, reps: int, top: int = 0,
 
     first_s, ms, img = time_calls(once, reps)
     assert img.shape == (batch, 3, 256, 256) and torch.isfinite(img).all()
-    return {"bench": "decoder", "batch": batch, "group_norm": group_norm, "upsample": upsample, "conv": conv,
+    return {"bench": "decoder", "batch": batch, "group_norm": group_norm, "upsample": upsample,
             "cudnn_benchmark_limit": cudnn_limit, "ms_per_batch": round(ms, 2),
             "img_per_s": round(batch / ms * 1e3, 1), "first_s": round(first_s, 1),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **kernel_split(once, top),
@@ -86,8 +82,6 @@ def main() -> None:
     ap.add_argument("--group-norms", nargs="+", default=list(GROUP_NORMS), choices=GROUP_NORMS)
     ap.add_argument("--upsample", default="transposed", choices=UPSAMPLES)
     ap.add_argument("--upsamples", nargs="+", default=list(UPSAMPLES), choices=UPSAMPLES)
-    ap.add_argument("--conv", default="whole", choices=CONVS)
-    ap.add_argument("--convs", nargs="+", default=["whole"], choices=CONVS)
     ap.add_argument("--cudnn-limits", type=int, nargs="+", default=[10],
                     help="algorithms cuDNN's per-shape search tries, per point (0: all; torch's default 10)")
     ap.add_argument("--reps", type=int, default=10)
@@ -96,11 +90,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.batch, a.group_norm, a.upsample, a.reps, a.kernels, a.cudnn_limits[0], a.conv))
+        emit(measure(a.batch, a.group_norm, a.upsample, a.reps, a.kernels, a.cudnn_limits[0]))
         return
     points = [["--batch", str(b), "--group-norm", g, "--upsample", u, "--reps", str(a.reps),
-               "--kernels", str(a.kernels), "--cudnn-limits", str(c), "--conv", v]
-              for b in a.batches for g in a.group_norms for u in a.upsamples for c in a.cudnn_limits for v in a.convs]
+               "--kernels", str(a.kernels), "--cudnn-limits", str(c)]
+              for b in a.batches for g in a.group_norms for u in a.upsamples for c in a.cudnn_limits]
     run_points("bench.decoder_speed", points, a.out, a.timeout)
 
 

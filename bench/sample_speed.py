@@ -59,28 +59,22 @@ LEVERS = {
     "eager-draws": ("var.sampling.fast", "COMPILE_DRAWS", "compiled_draws"),
     "no-gelu-epilogue": ("var.sampling.graphed", "GELU_EPILOGUE", "gelu_epilogue"),
     "nearest-upsample": ("var.models.vqgan_blocks", "TRANSPOSED_UPSAMPLE_CONV", "transposed_upsample_conv"),
-}
-# Candidates not yet on by default: each switched on by ``--on``.
-CANDIDATES = {
-    "split-conv": ("var.models.vqgan_blocks", "SPLIT_CONV_OUTPUT", "split_conv_output"),
-    "topk-early-stop": ("var.sampling.draw_kernel", "TOPK_EARLY_STOP", "topk_early_stop"),
+    "full-topk-search": ("var.sampling.draw_kernel", "TOPK_EARLY_STOP", "topk_early_stop"),
 }
 
 
-def set_levers(off: Sequence[str], on: Sequence[str] = ()) -> dict:
-    """Switch the levers named in off off (the others on) and the candidates named in on on (the others
-    off); {record field: on} for the JSON line."""
-    fields = {}
-    for levers, switched_on in ((LEVERS, lambda flag: flag not in off), (CANDIDATES, lambda flag: flag in on)):
-        for flag, (module, constant, field) in levers.items():
-            setattr(importlib.import_module(module), constant, switched_on(flag))
-            fields[field] = switched_on(flag)
-    return fields
+def set_levers(off: Sequence[str]) -> dict:
+    """Switch the named levers off (the others on); {record field: on} for the JSON line."""
+    on = {}
+    for flag, (module, constant, field) in LEVERS.items():
+        setattr(importlib.import_module(module), constant, flag not in off)
+        on[field] = flag not in off
+    return on
 
 
 def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = (),
-            residual_dtype: str = "param", on: Sequence[str] = ()) -> dict:
-    levers = set_levers(off, on)
+            residual_dtype: str = "param") -> dict:
+    levers = set_levers(off)
     once, setup_s = setup(depth, batch, variant, residual_dtype)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
@@ -117,10 +111,8 @@ def main() -> None:
                          "Triton kernel), eager-draws (with draw-kernel: drawn eagerly, not compiled), "
                          "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps), "
                          "nearest-upsample (the decoder's upsampling written out before its conv, not one "
-                         "transposed conv)")
-    ap.add_argument("--on", nargs="*", default=[], choices=sorted(CANDIDATES),
-                    help="candidates: split-conv (the decoder's 160-channel convs as 128 + 32), topk-early-stop "
-                         "(the draw kernel's top-k search stops once exactly k keys are kept)")
+                         "transposed conv), full-topk-search (the draw kernel's top-k search runs all 32 "
+                         "halvings instead of stopping once exactly k keys are kept)")
     ap.add_argument("--residual-dtype", default="param", choices=RESIDUAL_DTYPES,
                     help="the model's residual stream: param (fp32, the default) or autocast (bf16, opt-in: "
                          "it rounds the stream, so models trained with it sample with it)")
@@ -128,11 +120,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype,
-                     a.on))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype))
         return
     points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps),
-               "--residual-dtype", a.residual_dtype, "--off", *a.off, "--on", *a.on]
+               "--residual-dtype", a.residual_dtype, "--off", *a.off]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

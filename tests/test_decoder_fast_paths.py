@@ -1,6 +1,6 @@
 """The decoder's fast-path pieces (var/models/vqgan_blocks.py) equal the plain layers they stand for: the NCHW
-output conv, GroupNorm from per-channel sums, the x2 upsampling as a transposed conv, a conv split at a
-64-channel tile; and compiled on CUDA, each is taken where it applies."""
+output conv, GroupNorm from per-channel sums, the x2 upsampling as a transposed conv; and compiled on CUDA,
+each is taken where it applies."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from torch import nn
 from var.models.vqgan_blocks import (
     GroupNorm,
     NarrowOutConv2d,
-    TileSplitConv2d,
     Upsample2x,
-    conv_split_outputs,
     group_norm_by_channel_sums,
     upsample_conv_transposed,
 )
@@ -94,34 +92,3 @@ def test_compiled_upsample_on_cuda_takes_the_transposed_conv(monkeypatch):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(torch.compile(up, backend="aot_eager")(x), up(x), rtol=1e-5, atol=1e-5)
     assert calls, "the compiled CUDA path did not use the transposed conv"
-
-
-@pytest.mark.parametrize("at, stride", [(64, 1), (100, 2)])
-def test_conv_split_at_a_tile_equals_one_conv(at, stride):
-    torch.manual_seed(0)
-    conv = TileSplitConv2d(24, 160, kernel_size=3, stride=stride, padding=1).double()
-    x = torch.randn(2, 24, 5, 7, dtype=torch.float64, requires_grad=True)
-    ref = conv(x)  # eager: one conv
-    out = conv_split_outputs(x, conv.weight, conv.bias, at, conv.stride, conv.padding, conv.dilation)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), grad)
-    g_out = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert list(conv.state_dict()) == ["weight", "bias"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("channels, splits", [(160, True), (128, False)])
-def test_compiled_resnet_conv_on_cuda_splits_only_past_a_tile(monkeypatch, channels, splits):
-    import var.models.vqgan_blocks as blocks
-
-    calls = []
-    monkeypatch.setattr(blocks, "SPLIT_CONV_OUTPUT", True)
-    monkeypatch.setattr(blocks, "conv_split_outputs", lambda *a: calls.append(1) or conv_split_outputs(*a))
-    conv = TileSplitConv2d(32, channels, kernel_size=3, padding=1).cuda()
-    x = torch.randn(2, 32, 8, 8, device="cuda")
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        torch.testing.assert_close(torch.compile(conv, backend="aot_eager")(x), conv(x), rtol=1e-5, atol=1e-5)
-    assert bool(calls) == splits

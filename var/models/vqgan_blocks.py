@@ -15,11 +15,6 @@ from torch import nn
 CHANNEL_SUM_GROUP_NORM = True
 # Compiled on CUDA, the x2 upsampling and its conv as one transposed conv (see Upsample2x); False: as written.
 TRANSPOSED_UPSAMPLE_CONV = True
-# Compiled on CUDA, a ResnetBlock conv whose output channels are not a multiple of OUTPUT_TILE runs as two
-# convs split at the last multiple (see TileSplitConv2d). Off until timed inside the decoder
-# (bench.decoder_speed --convs split whole): one conv alone is faster split, the decoder is not yet measured.
-SPLIT_CONV_OUTPUT = False
-OUTPUT_TILE = 64
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -87,30 +82,6 @@ class NarrowOutConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-class TileSplitConv2d(nn.Conv2d):
-    """A conv that, compiled on CUDA, runs as ``conv_split_outputs`` at the last multiple of ``OUTPUT_TILE``
-    output channels: cuDNN's NHWC bf16 kernels take the output channels in 64-wide tiles, so the released
-    decoder's 160 fill 2.5 of 3 (one 3x3 160 -> 160 conv on 64 x 256^2: 5.45 ms as one, 4.62 ms as 128 + 32
-    with the concatenation, H100; ``bench.decoder_conv``). Each output channel is the same sum; parameters
-    and state-dict keys are those of nn.Conv2d."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        at = self.out_channels - self.out_channels % OUTPUT_TILE
-        if (SPLIT_CONV_OUTPUT and 0 < at < self.out_channels and self.groups == 1 and self.padding_mode == "zeros"
-                and torch.compiler.is_compiling() and x.is_cuda):
-            return conv_split_outputs(x, self.weight, self.bias, at, self.stride, self.padding, self.dilation)
-        return super().forward(x)
-
-
-def conv_split_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, at: int,
-                       stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding, dilation) as two convs, output channels [0, at) and
-    [at, C), joined."""
-    parts = [F.conv2d(x, weight[part], None if bias is None else bias[part], stride, padding, dilation)
-             for part in (slice(0, at), slice(at, None))]
-    return torch.cat(parts, dim=1)
-
-
 class Upsample2x(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv.
 
@@ -161,10 +132,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = TileSplitConv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = TileSplitConv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         # Identity has no parameters, so the key set matches the released file in both cases.
         self.nin_shortcut = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
