@@ -1,7 +1,8 @@
 """Run by tests/test_draw_kernel.py in a process of its own with TRITON_INTERPRET=1 (Triton's CPU
 interpreter must be chosen before Triton is imported): draws every case with the kernel and with
-``draw_scale`` and prints one JSON line per case and top-k search (full or stopping early) with the number of
-tokens that differ."""
+``draw_scale`` and prints one JSON line per case and way of searching (the full searches; the top-k one
+stopping early; that and the top-p one from the top-k threshold's bits) with the number of tokens that
+differ."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def logits_for(name: str, rows: int, tokens: int, V: int, g: torch.Generator) ->
         x = (x * 2).round() / 2
     if name == "one_dominates":  # top-p keeps the most likely token only
         x[..., 5] += 40
+    if name == "positive_close":  # the kept logits share sign and exponent: a short top-p search
+        x = 40 + x / 4
     return x
 
 
@@ -33,7 +36,11 @@ CASES = {
     "top_k_at_vocab": (2, 8, 100, None, 1.0, 100, 0.99, 1),
     "one_dominates": (2, 4, 256, 0.3, 1.0, 50, 0.01, 2),
     "one_token": (1, 1, 64, 1.5, 1.0, 20, 0.8, 0),
+    "positive_close": (2, 8, 512, None, 1.0, 100, 0.7, 3),
+    "top_p_tiny": (2, 8, 256, None, 1.0, 50, 1e-9, 0),
 }
+# (early_stop, topp_from_topk)
+SEARCHES = ((False, False), (True, False), (True, True))
 
 
 def main() -> None:
@@ -42,9 +49,11 @@ def main() -> None:
         keys = stream_keys([3 + i for i in range(images - 1)] + [2**64 - 7], "cpu")
         x = logits_for(name, images * (2 if t is not None else 1), tokens, V, g)
         ref = draw_scale(x, keys, begin, t, temperature, top_k, top_p)
-        for early_stop in (False, True):
-            got = kernel_draw(x, keys, begin, t, temperature, top_k, top_p, early_stop=early_stop)
-            print(json.dumps({"case": name, "early_stop": early_stop, "tokens": ref.numel(),
+        for early_stop, topp_from_topk in SEARCHES:
+            got = kernel_draw(x, keys, begin, t, temperature, top_k, top_p, early_stop=early_stop,
+                              topp_from_topk=topp_from_topk)
+            print(json.dumps({"case": name, "early_stop": early_stop, "topp_from_topk": topp_from_topk,
+                              "tokens": ref.numel(),
                               "differ": int((got != ref).sum()), "distinct": len(set(ref.flatten().tolist())),
                               "shape_ok": got.shape == ref.shape}))
 

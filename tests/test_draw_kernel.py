@@ -23,18 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernel_draws_the_eager_tokens_in_the_interpreter():
     """Every case of tests/draw_kernel_probe.py: guidance or none, top-k and top-p alone and together,
     temperature, a vocabulary that is not a power of two, ties at the boundaries, top-k of 1 and of V, a
-    token top-p alone keeps, one token, large seeds and token offsets (the counter streams); each with the
-    top-k search run in full and stopping early."""
+    token top-p alone keeps, one token, kept logits of one sign and exponent, a top-p that keeps one token,
+    large seeds and token offsets (the counter streams); each with the searches run in full, the top-k one
+    stopping early, and that with the top-p one started from the top-k threshold's bits."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "tests.draw_kernel_probe"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(cases) == 18 and sum(c["early_stop"] for c in cases) == 9
+    assert len(cases) == 33 and sum(c["topp_from_topk"] for c in cases) == 11
     for case in cases:
         assert case["shape_ok"] and case["differ"] == 0, case
     by_name = {c["case"]: c for c in cases if not c["early_stop"]}
     assert by_name["official"]["distinct"] > 1 and by_name["one_dominates"]["distinct"] == 1
+    assert by_name["positive_close"]["distinct"] > 1
 
 
 def test_kernel_refuses_what_it_cannot_draw_in_one_line():
@@ -46,9 +48,9 @@ def test_kernel_refuses_what_it_cannot_draw_in_one_line():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("early_stop, topp_from_topk", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("images", [1, 64])
-def test_kernel_draws_the_eager_tokens_on_gpu(images, early_stop):
+def test_kernel_draws_the_eager_tokens_on_gpu(images, early_stop, topp_from_topk):
     """At the official vocabulary and settings, the 16x16 scale: a token may differ only where a cumulative
     sum (a tree in the kernel, a scan eagerly) puts a boundary a few ulps away, i.e. almost never."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -56,7 +58,7 @@ def test_kernel_draws_the_eager_tokens_on_gpu(images, early_stop):
     for t, top_k, top_p in ((1.5, 900, 0.96), (None, 0, 0.9), (0.5, 50, 0.0), (None, 0, 0.0)):
         rows = 2 * images if t is not None else images
         x = 4 * torch.randn(rows, 256, 4096, device="cuda", generator=g)
-        got = kernel_draw(x, keys, 424, t, 1.0, top_k, top_p, early_stop=early_stop)
+        got = kernel_draw(x, keys, 424, t, 1.0, top_k, top_p, early_stop=early_stop, topp_from_topk=topp_from_topk)
         ref = draw_scale(x, keys, 424, t, 1.0, top_k, top_p)
         assert got.shape == ref.shape == (images, 256)
         assert (got != ref).sum() <= max(1, ref.numel() // 5000), (t, top_k, top_p)

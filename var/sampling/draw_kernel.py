@@ -33,13 +33,16 @@ MAX_VOCAB = 16384
 # The top-k search stops once exactly k keys lie at or above its threshold: the same set, fewer passes over
 # the row (all ten scales of a guided d16 batch of 64: 3.95 against 4.43 ms, H100; bench.draw_speed).
 TOPK_EARLY_STOP = True
+# With top-k, the top-p search starts from the bits the top-k threshold and the top key share: fewer passes,
+# the same threshold. Off until timed (``python -m bench.draw_speed --draws kernel kernel_topp_from_topk``).
+TOPP_FROM_TOPK = False
 
 
 @triton.jit
 def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond_w, uncond_w, temperature,
                  top_k, drop_mass, golden, mix1, mix2, V: tl.constexpr, BLOCK: tl.constexpr,
                  GUIDED: tl.constexpr, TEMPERED: tl.constexpr, USE_K: tl.constexpr, USE_P: tl.constexpr,
-                 LIBDEVICE_EXP: tl.constexpr, EARLY_STOP: tl.constexpr):
+                 LIBDEVICE_EXP: tl.constexpr, EARLY_STOP: tl.constexpr, TOPP_FROM_TOPK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     inside = offs < V
@@ -83,13 +86,35 @@ def _draw_kernel(logits, keys, out, tokens_per_image, uncond_offset, begin, cond
         e = tl.where(kept, tl.exp(x - top), 0.0)
     if USE_P:
         p = tl.math.div_rn(e, tl.sum(e, 0))
-        below = tl.full([], 0, tl.uint32)  # the largest key whose mass with all below it is <= drop_mass
-        for i in tl.static_range(32):
-            cand = below | (one << (31 - i))
-            mass = tl.sum(tl.where(key <= cand, p, 0.0), 0)
-            below = tl.where(mass <= drop_mass, cand, below)
+        top_key = tl.max(key, 0)
+        if USE_K and TOPP_FROM_TOPK:
+            # The threshold lies between kth - 1 (no mass at or below it) and the top key (all of it), so the
+            # bits above the highest one where those two differ are its bits too: only the rest are searched.
+            lo = tl.maximum(kth, one) - one
+            diff = lo ^ top_key
+            width = tl.full([], 0, tl.int32)  # bit length of diff, by halving
+            for s in tl.static_range(5):
+                shift = 16 >> s
+                high = (diff >> shift) != 0
+                width += tl.where(high, shift, 0)
+                diff = tl.where(high, diff >> shift, diff)
+            width += (diff != 0).to(tl.int32)
+            shift_lo = tl.minimum(width, 31).to(tl.uint32)
+            below = tl.where(width >= 32, tl.full([], 0, tl.uint32), (lo >> shift_lo) << shift_lo)
+            bit = width - 1
+            while bit >= 0:
+                cand = below | (one << bit.to(tl.uint32))
+                mass = tl.sum(tl.where(key <= cand, p, 0.0), 0)
+                below = tl.where(mass <= drop_mass, cand, below)
+                bit -= 1
+        else:
+            below = tl.full([], 0, tl.uint32)  # the largest key whose mass with all below it is <= drop_mass
+            for i in tl.static_range(32):
+                cand = below | (one << (31 - i))
+                mass = tl.sum(tl.where(key <= cand, p, 0.0), 0)
+                below = tl.where(mass <= drop_mass, cand, below)
         first = tl.min(tl.where(key > below, key, tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)), 0)
-        first = tl.minimum(first, tl.max(key, 0))  # the most likely token always stays
+        first = tl.minimum(first, top_key)  # the most likely token always stays
         e = tl.where(key >= first, e, 0.0)
     probs = tl.math.div_rn(e, tl.sum(e, 0))  # IEEE division, as eagerly (Triton's / may round otherwise)
     cdf = tl.cumsum(probs, 0)
@@ -117,10 +142,10 @@ def supports(logits: torch.Tensor) -> bool:
 
 def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float | None, temperature: float = 1.0,
                 top_k: int = 0, top_p: float = 0.0, num_warps: int | None = None,
-                early_stop: bool | None = None) -> torch.Tensor:
+                early_stop: bool | None = None, topp_from_topk: bool | None = None) -> torch.Tensor:
     """``sampler.draw_scale``'s arguments and result (token indices (B, l)), drawn by ``_draw_kernel``.
-    num_warps: per program (default: 8 for vocabularies above 2048, else 4); early_stop: the top-k search's
-    (default ``TOPK_EARLY_STOP``)."""
+    num_warps: per program (default: 8 for vocabularies above 2048, else 4); early_stop, topp_from_topk: the
+    searches' shortcuts (default ``TOPK_EARLY_STOP``, ``TOPP_FROM_TOPK``)."""
     if not supports(logits):
         raise ValueError(f"kernel_draw needs contiguous fp32 logits of at most {MAX_VOCAB} entries per row, "
                          f"got {logits.dtype} {tuple(logits.shape)}")
@@ -137,5 +162,6 @@ def kernel_draw(logits: torch.Tensor, keys: torch.Tensor, begin: int, t: float |
         V=V, BLOCK=triton.next_power_of_2(V), GUIDED=t is not None, TEMPERED=temperature != 1.0,
         USE_K=0 < top_k < V, USE_P=0 < top_p < 1, LIBDEVICE_EXP=logits.is_cuda,
         EARLY_STOP=TOPK_EARLY_STOP if early_stop is None else early_stop,
+        TOPP_FROM_TOPK=TOPP_FROM_TOPK if topp_from_topk is None else topp_from_topk,
         num_warps=num_warps or (8 if V > 2048 else 4), enable_fp_fusion=False)
     return out
