@@ -2,7 +2,7 @@
 interpreter must be chosen before Triton is imported): draws every case with the kernel and with
 ``draw_scale`` and prints one JSON line per case and way of searching (the full searches; the top-k one
 stopping early; that and the top-p one from the top-k threshold's bits) with the number of tokens that
-differ."""
+differ (once per way the case's filters make distinct)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,13 @@ def main() -> None:
         keys = stream_keys([3 + i for i in range(images - 1)] + [2**64 - 7], "cpu")
         x = logits_for(name, images * (2 if t is not None else 1), tokens, V, g)
         ref = draw_scale(x, keys, begin, t, temperature, top_k, top_p)
+        uses_k, uses_p = 0 < top_k < V, 0 < top_p < 1
+        paths = set()
         for early_stop, topp_from_topk in SEARCHES:
+            path = (early_stop and uses_k, topp_from_topk and uses_k and uses_p)  # what the kernel compiles
+            if path in paths:
+                continue
+            paths.add(path)
             got = kernel_draw(x, keys, begin, t, temperature, top_k, top_p, early_stop=early_stop,
                               topp_from_topk=topp_from_topk)
             print(json.dumps({"case": name, "early_stop": early_stop, "topp_from_topk": topp_from_topk,
