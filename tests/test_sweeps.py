@@ -142,6 +142,7 @@ def test_pool_launcher_runs_points_in_parallel_each_on_its_own_device(small_toke
     assert a["started"] < b["ended"] and b["started"] < a["ended"]  # they ran at the same time
 
 
+@pytest.mark.slow  # ~40 s: keeps the fast tier within CI's time
 def test_pool_launcher_reports_a_killed_job_and_finishes_the_others(small_token_cache, tmp_path):
     """A job process killed outright (as the OOM killer would) fails that point only: the other point
     completes, the sweep exits non-zero naming the job, and a re-run resumes the killed point."""
