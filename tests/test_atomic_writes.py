@@ -167,8 +167,11 @@ def test_a_kill_while_metrics_csv_gains_a_column_keeps_its_rows(tmp_path, monkey
     writer.save()
     before = (tmp_path / "metrics.csv").read_text()
 
+    def killed(self, rows):
+        raise OSError("killed")
+
     real = csv.DictWriter.writerows
-    monkeypatch.setattr(csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(OSError("killed")))
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
     writer.log_metrics({"loss": 0.25, "val_loss": 0.3}, step=2)
     with pytest.raises(OSError, match="killed"):
         writer.save()
