@@ -8,6 +8,13 @@ gradients' sums are fused as in training. Implementations: ``dense`` (SDPA with 
 ``flex`` (FlexAttention block mask in tiles of 128 or 64 tokens, default or max-autotune kernels) and
 ``scalewise`` per SDPA backend (auto: SDPA's choice) with the leading small scales merged into one masked
 call (``merge`` tokens: 0 = one call per scale). Never run in CI.
+
+``--cos`` times what the block runs between its qkv projection and ``proj`` with cosine attention (as the
+official model): q and k normalised and q scaled per head, the attention, the output laid out as (B, L, C);
+only then is ``fused`` (var/models/fused_attention.py: all of it in Triton kernels) comparable, and it is
+measured only so. ``--fused-tiles`` tries its tile sizes (JSON, as fused_attention.TILES).
+
+    python -m bench.attention_speed --cos --impls scalewise fused --merges 255 --backends auto
 """
 
 from __future__ import annotations
@@ -17,17 +24,26 @@ import contextlib
 import json
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import OFFICIAL, emit, environment, set_attention_knobs, time_calls
-from var.models.attention import ATTENTION_IMPLS, attention_mask, block_causal_bias, block_causal_block_mask
+from var.models import fused_attention
+from var.models.attention import (
+    ATTENTION_IMPLS,
+    attention_mask,
+    block_causal_bias,
+    block_causal_block_mask,
+    scale_bounds,
+)
 
+LIBRARY_TILES = dict(fused_attention.TILES)
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: int, block: int = 128,
-            mode: str | None = None, flex_options: dict | None = None) -> dict:
+            mode: str | None = None, flex_options: dict | None = None, cos: bool = False) -> dict:
     import var.models.attention as attention
 
     set_attention_knobs(flex_options=flex_options)
@@ -40,25 +56,40 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
         mask = attention_mask(impl, pn, bias, L, merge_tokens=merge)
     fn = ATTENTION_IMPLS[impl]
     qkv = torch.randn(batch, L, 3, H, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(batch, H, L, c, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(*((batch, L, H * c) if cos else (batch, H, L, c)), device="cuda", dtype=torch.bfloat16)
+    temperature = torch.full((H,), 4.0, device="cuda", requires_grad=True)  # the per-head scale of q
+    bounds = scale_bounds(pn, L, "cuda")
 
     @torch.compile(dynamic=False, mode=mode)
     def step(qkv):
+        if impl == "fused":
+            return fused_attention.fused_cos_attention(qkv.view(batch, L, 3 * H * c), temperature, bounds, H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return fn(q, k, v, 1.0 / c**0.5, mask)
+        if not cos:
+            return fn(q, k, v, 1.0 / c**0.5, mask)
+        # in fp32, as autocast runs F.normalize in the blocks
+        q = F.normalize(q.float(), dim=-1).mul(temperature.view(1, H, 1, 1)).to(v.dtype)
+        k = F.normalize(k.float(), dim=-1).to(v.dtype)
+        return fn(q, k, v, 1.0, mask).transpose(1, 2).reshape(batch, L, H * c)
 
     def once():
         with sdpa_kernel([BACKENDS[backend]]) if backend in BACKENDS else contextlib.nullcontext():
             out = step(qkv)
             out.backward(grad)
-        qkv.grad = None
+        qkv.grad = temperature.grad = None
 
     first, ms, _ = time_calls(once, iters)
-    return {"bench": "attention", "impl": impl, "backend": backend, "merge_tokens": merge, "flex_block": block,
+    return {"bench": "attention", "impl": impl, "cos": cos, "backend": backend, "merge_tokens": merge,
+            "flex_block": block, "fused_tiles": fused_attention.TILES if impl == "fused" else None,
             "compile_mode": mode, "flex_options": attention.FLEX_KERNEL_OPTIONS if impl == "flex" else None,
             "depth": depth,
             "batch": batch, "fwd_bwd_ms": round(ms, 3), "per_model_step_ms": round(ms * depth, 1),
             "first_s": round(first, 1), **environment()}
+
+
+def set_fused_tiles(tiles: str | None) -> None:
+    """fused_attention.TILES for the next case: the library's own, or a JSON override of some kernels."""
+    fused_attention.TILES = {**LIBRARY_TILES, **{k: tuple(v) for k, v in json.loads(tiles or "{}").items()}}
 
 
 def main() -> None:
@@ -69,7 +100,11 @@ def main() -> None:
     ap.add_argument("--merges", type=int, nargs="+", default=[0, 91, 255, 424])
     ap.add_argument("--backends", nargs="+", default=["auto", "efficient"], help="auto: SDPA's own choice")
     ap.add_argument("--flex-blocks", type=int, nargs="+", default=[128, 64])
-    ap.add_argument("--impls", nargs="+", default=["dense", "scalewise", "flex"])
+    ap.add_argument("--impls", nargs="+", default=["dense", "scalewise", "flex"],
+                    help="dense, scalewise, flex, fused (fused only with --cos)")
+    ap.add_argument("--cos", action="store_true", help="time the normalisation and output layout too (above)")
+    ap.add_argument("--fused-tiles", nargs="+", default=None,
+                    help='JSON tiles for fused, one case each, e.g. \'{"fwd": [128, 64, 4, 3], "bwd": [64, 64, 4, 2]}\'')
     ap.add_argument("--flex-modes", nargs="+", default=["default", "max-autotune-no-cudagraphs"])
     ap.add_argument("--flex-options", nargs="+", default=None,
                     help="JSON kernel_options for flex, one case each (default: attention.FLEX_KERNEL_OPTIONS)")
@@ -82,13 +117,18 @@ def main() -> None:
     cases += [("scalewise", b, m, 128, None, None) for b in a.backends for m in a.merges]
     cases += [("flex", "auto", 0, blk, None if mode == "default" else mode, opts) for mode in a.flex_modes
               for blk in a.flex_blocks for opts in a.flex_options or [None]]
+    if a.cos:
+        cases += [("fused", "triton", 0, 64, None, tiles) for tiles in a.fused_tiles or [None]]
     cases = [c for c in cases if c[0] in a.impls]
     for depth in a.depths:
         for impl, backend, merge, block, mode, opts in cases:
             name = {"dense": "sdpa"}.get(impl, impl)
             try:
+                if impl == "fused":
+                    set_fused_tiles(opts)
+                    opts = None
                 rec = measure(name, backend, merge, depth, a.batch, a.iters, block, mode,
-                              None if opts is None else json.loads(opts))
+                              None if opts is None else json.loads(opts), cos=a.cos)
             except Exception as e:  # a backend that refuses a shape is one result, not the end of the run
                 rec = {"bench": "attention", "impl": name, "backend": backend, "merge_tokens": merge,
                        "flex_block": block, "compile_mode": mode, "flex_options": opts, "depth": depth,

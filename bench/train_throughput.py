@@ -15,7 +15,9 @@ again with activation checkpointing on every 2nd, then every block (``--ac K`` s
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
 blocks + fused head CE), fast_bf16res (the same with the residual stream in bf16 between the blocks, as
 the official code carries it), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
-fused epilogues where they beat cuBLAS), fast_flex / fast_flex_bf16res (the same with FlexAttention), and the ablations flex_only,
+fused epilogues where they beat cuBLAS), fast_fused / fast_fused_bf16res (the same with the q/k normalisation,
+attention and qkv gradient in Triton kernels: ``attn_impl=fused``), fast_flex / fast_flex_bf16res (the same with
+FlexAttention), and the ablations flex_only,
 compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
 """
@@ -59,6 +61,8 @@ VARIANTS = {
     "fast": Variant("scalewise", True, True),
     "fast_bf16res": Variant("scalewise", True, True, residual_dtype="autocast"),
     "fast_autotune": Variant("scalewise", True, True, "max-autotune-no-cudagraphs"),
+    "fast_fused": Variant("fused", True, True),
+    "fast_fused_bf16res": Variant("fused", True, True, residual_dtype="autocast"),
     "fast_flex": Variant("flex", True, True),
     "fast_flex_bf16res": Variant("flex", True, True, residual_dtype="autocast"),
     "flex_only": Variant("flex", False, False),

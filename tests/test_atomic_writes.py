@@ -68,6 +68,7 @@ def _versions(d: Path) -> dict[str, int]:
     return {"record": record["version"], "ckpt": ckpt["version"], "sharded": v}
 
 
+@pytest.mark.slow  # ~60 s of kills; the fast tier keeps the single-kill cases below
 def test_sigkill_at_random_moments_leaves_every_file_whole(tmp_path):
     seen = {"record": 0, "ckpt": 0, "sharded": 0}
     mid_write, litter = 0, {}

@@ -87,7 +87,7 @@ def test_bicubic_upsample_as_a_matmul_equals_interpolate():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", ["flex", "scalewise"])
+@pytest.mark.parametrize("impl", ["flex", "scalewise", "fused"])
 def test_compiled_fused_training_step_equals_plain_on_gpu(impl):
     m = tiny(patch_nums=PN4).float().cuda()
     labels, x = inputs(m)

@@ -15,6 +15,10 @@ The attention kernel itself is one function looked up by name in ``ATTENTION_IMP
 - ``scalewise``: one unmasked SDPA call per scale: the queries of scale k against the keys of scales 0..k.
   Exactly the block-causal attention, computed over the allowed pairs only and by the flash kernels,
   which take no mask. The small leading scales (``SCALEWISE_MERGE_TOKENS``) share one masked call.
+- ``fused``: with ``cos_attn`` in teacher forcing on CUDA, the q/k normalisation, the block-causal attention
+  and the qkv gradient as Triton kernels (fused_attention.py): no normalised copies, partial key gradients
+  or stacked gradient to assemble. Elsewhere (sampling's cached steps, the CPU, plain dot-product
+  attention) it runs as ``scalewise``.
 - ``math``: explicit softmax(QK^T)V, for debugging.
 
 The mask argument is whatever ``attention_mask(impl, patch_nums, ...)`` built for that impl. State-dict names (``mat_qkv``, ``q_bias``, ``v_bias``, ``zero_k_bias``, ``scale_mul_1H11``,
@@ -25,10 +29,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # Triton comes with torch's CUDA builds; without it ``fused`` runs as ``scalewise``
+    from var.models import fused_attention
+except ImportError:
+    fused_attention = None
 
 
 def scale_ids(patch_nums: Sequence[int]) -> torch.Tensor:
@@ -79,9 +89,15 @@ def attention_mask(impl: str, patch_nums: Sequence[int], bias: torch.Tensor, len
     ``bias`` is the model's dense (1, 1, L, L) mask buffer; flex masks are built once per (length, device).
     merge_tokens: scalewise only, default SCALEWISE_MERGE_TOKENS.
     """
-    if impl == "scalewise":
+    if impl in ("scalewise", "fused"):
         merge = SCALEWISE_MERGE_TOKENS if merge_tokens is None else merge_tokens
-        return scale_groups(patch_nums, length, bias, merge)
+        groups = scale_groups(patch_nums, length, bias, merge)
+        if impl == "scalewise":
+            return groups
+        key = ("fused", tuple(patch_nums), length, str(bias.device))
+        if key not in _BLOCK_MASKS:
+            _BLOCK_MASKS[key] = scale_bounds(patch_nums, length, bias.device)
+        return FusedMask(_BLOCK_MASKS[key], groups)
     if impl != "flex":
         return bias[:, :, :length, :length]
     key = (tuple(patch_nums), length, str(bias.device), FLEX_BLOCK_SIZE)
@@ -100,6 +116,18 @@ def scale_spans(patch_nums: Sequence[int], length: int) -> tuple[tuple[int, int]
         spans.append((begin, end))
         begin = end
     return tuple(spans)
+
+
+def scale_bounds(patch_nums: Sequence[int], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ends, begins), (length,) int32 each: where the scale of every one of the first ``length`` tokens ends
+    and begins. A token sees exactly the keys before its scale's end (``fused`` attention's mask)."""
+    ids = scale_ids(patch_nums)
+    if length > len(ids):
+        raise ValueError(f"{length} tokens but the pyramid {tuple(patch_nums)} has {len(ids)}")
+    sizes = torch.tensor([pn * pn for pn in patch_nums])
+    ends = sizes.cumsum(0)
+    ids = ids[:length]
+    return ends[ids].to(device, torch.int32), (ends - sizes)[ids].to(device, torch.int32)
 
 
 def scale_groups(patch_nums: Sequence[int], length: int, bias: torch.Tensor, merge_tokens: int = 0
@@ -124,6 +152,19 @@ def scalewise_attention(q, k, v, scale: float, groups) -> torch.Tensor:
     return torch.cat([F.scaled_dot_product_attention(q[:, :, b:e], k[:, :, :e], v[:, :, :e], scale=scale,
                                                      attn_mask=None if m is None else m.to(q.dtype))
                       for b, e, m in groups], dim=2)
+
+
+class FusedMask(NamedTuple):
+    """What ``fused`` attention takes: the kernels' (ends, begins) token bounds, and the scalewise groups
+    of its fallback."""
+
+    bounds: tuple[torch.Tensor, torch.Tensor]
+    groups: tuple
+
+
+def fused_fallback_attention(q, k, v, scale: float, mask: FusedMask | None) -> torch.Tensor:
+    """``fused`` where its kernels do not run (see SelfAttention.forward): scalewise attention."""
+    return scalewise_attention(q, k, v, scale, None if mask is None else mask.groups)
 
 
 _BLOCK_MASKS: dict = {}
@@ -166,6 +207,7 @@ ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "sdpa": sdpa_attention,
     "flex": flex_attention,
     "scalewise": scalewise_attention,
+    "fused": fused_fallback_attention,
     "math": math_attention,
 }
 
@@ -223,7 +265,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = F.linear(x, self.mat_qkv.weight, bias)
+        if (self.attn_impl == "fused" and self.cos_attn and attn_bias is not None and not self.caching
+                and fused_attention is not None):
+            if fused_attention.supports(qkv, self.num_heads):
+                scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().view(-1)
+                return self.proj(fused_attention.fused_cos_attention(qkv, scale_mul, attn_bias.bounds,
+                                                                     self.num_heads))
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, c)
         if self.cos_attn:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()

@@ -1,0 +1,292 @@
+"""Teacher-forced cosine attention as Triton kernels: q/k normalisation, block-causal attention and the
+qkv gradient in three kernels (``attn_impl=fused``, CUDA; off by default until timed).
+
+What the blocks otherwise run around the attention kernels (attention.py, ``scalewise``): the q and k
+L2-normalisation and per-head temperature as their own pass over q and k, per-scale SDPA calls whose key
+gradients are partial sums to add up, the three gradients stacked back into the fused qkv projection's
+gradient, the normalisation's backward, and the output transposed for ``proj``. A d16 training step spends
+~12 ms of 169 on that assembly and ~9 on the normalisation (bench/results, notes 23 and 27). Here:
+
+- forward (``_attention_fwd``): one program per (image, head, 64 queries) reads the raw q and k rows
+  straight out of the qkv projection's output (B, L, 3, H, c), normalises them in registers, and runs
+  flash attention over the keys its queries may see: a token of scale s sees the keys of scales <= s, i.e.
+  the keys before the end of its own scale, so the mask is one comparison against ``ends`` (no -inf
+  matrix, and key tiles past the last query's end are never visited). The output goes out as (B, L, H, c),
+  which is ``proj``'s input without a copy.
+- backward: ``_key_grads`` (one program per 64 keys: loops over the queries that see them, so the key and
+  value gradients come out whole) and ``_query_grads`` (one per 64 queries), both writing the raw q, k and v
+  gradients, normalisation's backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's
+  gradient as it is.
+
+It computes what the plain path computes: q and k normalised in fp32, scaled, rounded to the qkv dtype,
+softmax(q k^T) v with fp32 accumulation (the flash recurrence, as cuDNN's kernel). Gradients of q and k skip
+one rounding the plain path makes (to bf16 between the attention kernel and the normalisation's backward).
+tests/test_fused_attention.py compares both directions with the plain path in Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tiles (queries, keys), warps and pipeline stages per kernel: 64-token tiles follow the pyramid's ragged
+# block-causal edge (bench/results note 24). bench.attention_speed --fused-tiles tries others.
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (64, 64, 4, 2)}
+NORM_EPS = 1e-12  # F.normalize's
+# Triton's CPU interpreter (tests) runs the kernels on CPU tensors; it must be chosen before Triton loads.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _unit_rows(x, eps):
+    """x (R, c) fp32 -> (x / max(|x|, eps), max(|x|, eps)) row by row: F.normalize (up to an ulp: one division
+    per row, then products)."""
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
+    return x * (1.0 / norm)[:, None], norm
+
+
+@triton.jit
+def _unit_rows_backward(grad, unit, norm, eps):
+    """d/dx of x / max(|x|, eps) applied to grad (R, c): (grad - (grad . u) u) / |x|, or grad / eps below eps."""
+    radial = tl.where(norm > eps, tl.sum(grad * unit, axis=1), 0.0)
+    return (grad - radial[:, None] * unit) * (1.0 / norm)[:, None]
+
+
+@triton.jit
+def _dot(a, b, EMULATED: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 inputs at full precision (Triton's default would be TF32)."""
+    if EMULATED or a.dtype == tl.float32:  # the interpreter's bf16 dot is wrong: it multiplies raw bits
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _cast(x, dtype, EMULATED: tl.constexpr):
+    """x.to(dtype), rounding to nearest even; the interpreter truncates to bf16, so there it rounds the bits."""
+    if EMULATED and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _qkv_rows(qkv, part, b, h, idx, L, H, D: tl.constexpr):
+    """Pointers and row mask of tokens ``idx`` of q (part 0), k (1) or v (2), head h, image b in a
+    (B, L, 3, H, D) tensor."""
+    C = H * D
+    ptrs = qkv + b.to(tl.int64) * L * 3 * C + part * C + h * D + idx[:, None] * (3 * C) + tl.arange(0, D)[None, :]
+    return ptrs, (idx < L)[:, None]
+
+
+@triton.jit
+def _head_rows(x, b, h, idx, L, H, D: tl.constexpr):
+    """Pointers and row mask of tokens ``idx``, head h, image b in a (B, L, H, D) tensor (out, dout)."""
+    ptrs = x + b.to(tl.int64) * L * H * D + idx[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
+    return ptrs, (idx < L)[:, None]
+
+
+@triton.jit
+def _unit_keys(qkv, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
+    """Normalised k rows in the qkv dtype, with their unit vectors and norms (fp32), and the v rows."""
+    ptrs, inside = _qkv_rows(qkv, 1, b, h, idx, L, H, D)
+    unit, norm = _unit_rows(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32), eps)
+    ptrs, inside = _qkv_rows(qkv, 2, b, h, idx, L, H, D)
+    return _cast(unit, qkv.dtype.element_ty, EMULATED), unit, norm, tl.load(ptrs, mask=inside, other=0.0)
+
+
+@triton.jit
+def _scaled_queries(qkv, temp, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
+    """temperature * unit q rows in the qkv dtype, with the unit vectors and norms (fp32)."""
+    ptrs, inside = _qkv_rows(qkv, 0, b, h, idx, L, H, D)
+    unit, norm = _unit_rows(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32), eps)
+    return _cast(unit * tl.load(temp + h), qkv.dtype.element_ty, EMULATED), unit, norm
+
+
+@triton.jit
+def _attention_fwd(qkv, temp, ends, out, lse, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
+                   D: tl.constexpr, EMULATED: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    q, _, _ = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
+    q_end = tl.load(ends + rows, mask=rows < L, other=1)
+    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)  # ends grow with the token: the tile's last
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for start in range(0, kv_end, BN):
+        cols = start + tl.arange(0, BN)
+        k, _, _, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+        s = tl.where(cols[None, :] < q_end[:, None], _dot(q, tl.trans(k), EMULATED), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, EMULATED), v, EMULATED)
+        m_i = m_new
+    ptrs, inside = _head_rows(out, b, h, rows, L, H, D)
+    tl.store(ptrs, _cast(acc / l_i[:, None], out.dtype.element_ty, EMULATED), mask=inside)
+    tl.store(lse + bh.to(tl.int64) * L + rows, m_i + tl.log(l_i), mask=rows < L)
+
+
+@triton.jit
+def _row_dots(out, dout, delta, L, H, BM: tl.constexpr, D: tl.constexpr):
+    """delta[b, h, l] = dO . O over the head's c values: the softmax backward's row term."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    o_ptrs, inside = _head_rows(out, bh // H, bh % H, rows, L, H, D)
+    do_ptrs, _ = _head_rows(dout, bh // H, bh % H, rows, L, H, D)
+    o = tl.load(o_ptrs, mask=inside, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(delta + bh.to(tl.int64) * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
+
+
+@triton.jit
+def _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
+    """What the backward needs of query rows: scaled q (and its unit vectors and norms), where their scales
+    end (0 past L: they see nothing), their log-sum-exp and dO . O, and dO."""
+    q, unit, norm = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
+    stats = (b * H + h).to(tl.int64) * L + rows
+    ptrs, inside = _head_rows(dout, b, h, rows, L, H, D)
+    return (q, unit, norm, tl.load(ends + rows, mask=rows < L, other=0), tl.load(lse + stats, mask=rows < L, other=0.0),
+            tl.load(delta + stats, mask=rows < L, other=0.0), tl.load(ptrs, mask=inside, other=0.0))
+
+
+@triton.jit
+def _key_grads(qkv, temp, ends, begins, dout, lse, delta, dqkv, L, H, eps, BM: tl.constexpr,
+               BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
+    """dK and dV of BN keys, summed over every query that sees them; transposed scores (keys x queries)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = pid_n * BN + tl.arange(0, BN)
+    k, k_unit, k_norm, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    first = tl.load(begins + pid_n * BN) // BM * BM  # the first query that sees these keys: their scale's
+    for start in range(first, L, BM):
+        rows = start + tl.arange(0, BM)
+        q, _, _, q_end, row_lse, row_delta, do = _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows, L, H,
+                                                             eps, D, EMULATED)
+        p_t = tl.where(cols[:, None] < q_end[None, :], tl.exp(_dot(k, tl.trans(q), EMULATED) - row_lse[None, :]), 0.0)
+        dv += _dot(_cast(p_t, do.dtype, EMULATED), do, EMULATED)
+        ds_t = p_t * (_dot(v, tl.trans(do), EMULATED) - row_delta[None, :])
+        dk += _dot(_cast(ds_t, q.dtype, EMULATED), q, EMULATED)
+    dk = _unit_rows_backward(dk, k_unit, k_norm, eps)
+    ptrs, inside = _qkv_rows(dqkv, 1, b, h, cols, L, H, D)
+    tl.store(ptrs, _cast(dk, dqkv.dtype.element_ty, EMULATED), mask=inside)
+    ptrs, inside = _qkv_rows(dqkv, 2, b, h, cols, L, H, D)
+    tl.store(ptrs, _cast(dv, dqkv.dtype.element_ty, EMULATED), mask=inside)
+
+
+@triton.jit
+def _query_grads(qkv, temp, ends, dout, lse, delta, dqkv, dtemp, L, H, eps, BM: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
+    """dQ of BM queries over the keys they see, and the tile's share of the temperature's gradient."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    q, q_unit, q_norm, q_end, row_lse, row_delta, do = _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows,
+                                                                   L, H, eps, D, EMULATED)
+    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
+    dq = tl.zeros([BM, D], tl.float32)
+    for start in range(0, kv_end, BN):
+        cols = start + tl.arange(0, BN)
+        k, _, _, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+        p = tl.where(cols[None, :] < q_end[:, None], tl.exp(_dot(q, tl.trans(k), EMULATED) - row_lse[:, None]), 0.0)
+        ds = p * (_dot(do, tl.trans(v), EMULATED) - row_delta[:, None])
+        dq += _dot(_cast(ds, k.dtype, EMULATED), k, EMULATED)
+    # dq is d/d(t * unit q): the temperature's share is sum(dq . unit q), the unit vector's is t * dq.
+    tl.store(dtemp + bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(tl.sum(dq * q_unit, axis=1), axis=0))
+    dq = _unit_rows_backward(dq * tl.load(temp + h), q_unit, q_norm, eps)
+    ptrs, inside = _qkv_rows(dqkv, 0, b, h, rows, L, H, D)
+    tl.store(ptrs, _cast(dq, dqkv.dtype.element_ty, EMULATED), mask=inside)
+
+
+# ------------------------------------------------------------------------------------------ torch ops
+@torch.library.custom_op("var::fused_cos_attention", mutates_args=())
+def _fwd_op(qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor, begins: torch.Tensor,
+            heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    out = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
+    BM, BN, warps, stages = TILES["fwd"]
+    _attention_fwd[(triton.cdiv(L, BM), B * heads)](
+        qkv, temperature, ends, out, lse, L, heads, NORM_EPS, BM=BM, BN=BN, D=C // heads, EMULATED=INTERPRETED,
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+@_fwd_op.register_fake
+def _(qkv, temperature, ends, begins, heads):
+    B, L, C3 = qkv.shape
+    return qkv.new_empty(B, L, C3 // 3), qkv.new_empty(B, heads, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("var::fused_cos_attention_backward", mutates_args=())
+def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor,
+            begins: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, C3 = qkv.shape
+    D = C3 // 3 // heads
+    dout = dout.contiguous()
+    BM, BN, warps, stages = TILES["bwd"]
+    delta = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
+    _row_dots[(triton.cdiv(L, BM), B * heads)](out, dout, delta, L, heads, BM=BM, D=D)
+    dqkv = torch.empty_like(qkv)
+    _key_grads[(triton.cdiv(L, BN), B * heads)](
+        qkv, temperature, ends, begins, dout, lse, delta, dqkv, L, heads, NORM_EPS, BM=BM, BN=BN, D=D,
+        EMULATED=INTERPRETED, num_warps=warps, num_stages=stages)
+    tiles = triton.cdiv(L, BM)
+    dtemp = torch.empty(B, heads, tiles, dtype=torch.float32, device=qkv.device)
+    _query_grads[(tiles, B * heads)](
+        qkv, temperature, ends, dout, lse, delta, dqkv, dtemp, L, heads, NORM_EPS, BM=BM, BN=BN, D=D,
+        EMULATED=INTERPRETED, num_warps=warps, num_stages=stages)
+    return dqkv, dtemp.sum(dim=(0, 2))
+
+
+@_bwd_op.register_fake
+def _(dout, qkv, temperature, ends, begins, out, lse, heads):
+    return torch.empty_like(qkv), temperature.new_empty(heads)
+
+
+def _setup(ctx, inputs, output):
+    qkv, temperature, ends, begins, heads = inputs
+    ctx.heads = heads
+    ctx.save_for_backward(qkv, temperature, ends, begins, *output)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, temperature, ends, begins, out, lse = ctx.saved_tensors
+    dqkv, dtemp = _bwd_op(dout, qkv, temperature, ends, begins, out, lse, ctx.heads)
+    return dqkv, dtemp, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def supports(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether the kernels can run this (B, L, 3C) qkv: on CUDA (or interpreted), a float dtype, a head
+    size that is a power of two from 16 (tl.dot's smallest)."""
+    D = qkv.shape[-1] // 3 // heads
+    return ((qkv.is_cuda or INTERPRETED) and qkv.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and qkv.ndim == 3 and D >= 16 and D & (D - 1) == 0)
+
+
+def fused_cos_attention(qkv: torch.Tensor, temperature: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
+                        heads: int) -> torch.Tensor:
+    """(B, L, C) attention output (heads side by side, ``proj``'s input) of the qkv projection (B, L, 3C):
+    q and k L2-normalised per head, q times ``temperature`` (H,), block-causal over ``bounds``
+    (``scale_bounds``); what SelfAttention computes with ``cos_attn`` and attn_impl ``scalewise``."""
+    if not supports(qkv, heads):
+        raise ValueError(f"fused attention needs a CUDA (B, L, 3C) float qkv with a power-of-two head size "
+                         f">= 16; got {qkv.dtype} {tuple(qkv.shape)} on {qkv.device} with {heads} heads")
+    ends, begins = bounds
+    out, _ = _fwd_op(qkv.contiguous(), temperature.float().contiguous(), ends, begins, heads)
+    return out
