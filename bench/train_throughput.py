@@ -14,7 +14,8 @@ again with activation checkpointing on every 2nd, then every block (``--ac K`` s
 
 Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
 blocks + fused head CE), fast_bf16res (the same with the residual stream in bf16 between the blocks, as
-the official code carries it), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
+the official code carries it), fast_bf16res_compiled_ce (that with each cross-entropy chunk's softmax and
+gradient compiled: task.speed.compile_head_ce), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
 fused epilogues where they beat cuBLAS), fast_fused / fast_fused_bf16res (the same with the q/k normalisation,
 attention and qkv gradient in Triton kernels: ``attn_impl=fused``), fast_flex / fast_flex_bf16res (the same with
 FlexAttention), and the ablations flex_only,
@@ -54,6 +55,7 @@ class Variant(NamedTuple):
     fused_head_ce: bool
     compile_mode: str | None = None
     residual_dtype: str = "param"
+    compile_head_ce: bool = False
 
 
 VARIANTS = {
@@ -61,6 +63,7 @@ VARIANTS = {
     "fast": Variant("scalewise", True, True),
     "fast_bf16res": Variant("scalewise", True, True, residual_dtype="autocast"),
     "fast_autotune": Variant("scalewise", True, True, "max-autotune-no-cudagraphs"),
+    "fast_bf16res_compiled_ce": Variant("scalewise", True, True, residual_dtype="autocast", compile_head_ce=True),
     "fast_fused": Variant("fused", True, True),
     "fast_fused_bf16res": Variant("fused", True, True, residual_dtype="autocast"),
     "fast_flex": Variant("flex", True, True),
@@ -82,6 +85,7 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},
                                speed={"compile": v.compile, "fused_head_ce": v.fused_head_ce,
+                                      "compile_head_ce": v.compile_head_ce,
                                       "compile_mode": v.compile_mode}).to(device)
     module.configure_model()
     if wrap is not None:

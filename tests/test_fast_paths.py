@@ -117,6 +117,44 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(smoothing, chun
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+def test_compiled_cross_entropy_chunks_equal_the_eager_ones():
+    """compiled=True: the chunks' softmax and gradient through torch.compile, one graph for every chunk length
+    (chunks of 16 and a last one of 10 here), with label smoothing."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 37, 12, generator=g, requires_grad=True)
+    w = torch.randn(50, 12, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (2, 37), generator=g)
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        loss = linear_cross_entropy(h, w, b, t, 0.1, chunk_tokens=16, compiled=compiled)
+        results.append((loss, *torch.autograd.grad(loss * 3, (h, w, b))))
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_cross_entropy_chunks_equal_the_eager_ones_on_gpu():
+    """The official head's shapes (C 1024, V 4096, 680 tokens per image) in bf16, chunks of 8192 tokens."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(16, 680, 1024, device="cuda", generator=g, requires_grad=True)
+    w = (torch.randn(4096, 1024, device="cuda", generator=g) * 0.02).requires_grad_()
+    b = torch.zeros(4096, device="cuda", requires_grad=True)
+    t = torch.randint(0, 4096, (16, 680), device="cuda", generator=g)
+    results = []
+    for compiled in (False, True):
+        loss = linear_cross_entropy(h, w, b, t, chunk_tokens=8192, compute_dtype=torch.bfloat16, compiled=compiled)
+        results.append((loss, *torch.autograd.grad(loss, (h, w, b))))
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
+
+
 def test_linear_cross_entropy_without_grad_and_shape_errors():
     h, w, b = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(10)
     t = torch.randint(0, 10, (4,))

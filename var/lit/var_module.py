@@ -110,7 +110,8 @@ class VARTrainingModule(L.LightningModule):
         smoothing = self.loss_cfg.get("label_smoothing", 0.0)
         if self.speed.get("fused_head_ce", False):
             return self.var(labels, x, prog_si=prog, target=tokens, label_smoothing=smoothing,
-                            ce_chunk_tokens=int(self.speed.get("ce_chunk_tokens", 8192)))
+                            ce_chunk_tokens=int(self.speed.get("ce_chunk_tokens", 8192)),
+                            ce_compiled=bool(self.speed.get("compile_head_ce", False)))
         logits = self.var(labels, x, prog_si=prog)
         target = tokens[:, : logits.shape[1]]
         return F.cross_entropy(logits.float().transpose(1, 2), target, label_smoothing=smoothing)

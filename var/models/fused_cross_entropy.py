@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 
-def _chunk_loss_and_grad(h, weight, bias, target, smoothing: float, want_grad: bool, compute_dtype):
+def _chunk_loss_and_grad(h, weight, bias, target, smoothing: float, want_grad: bool, compute_dtype,
+                         tokens: int):
+    """(summed loss of the chunk, d(loss)/d(logits) / tokens in compute_dtype, or None)."""
     acc = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
     logits = (h.to(compute_dtype) @ weight.to(compute_dtype).t()).to(acc) + bias.to(acc)
     lse = logits.logsumexp(dim=-1)
@@ -28,12 +30,25 @@ def _chunk_loss_and_grad(h, weight, bias, target, smoothing: float, want_grad: b
     grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.shape[0], 1), -(1 - smoothing)))
     if smoothing:
         grad.sub_(smoothing / grad.shape[1])
-    return loss.sum(), grad
+    return loss.sum(), grad.div_(tokens).to(compute_dtype)
+
+
+# torch.compile of the chunk function (``compiled=True``, GPU training): the softmax, its gradient, the scaling
+# and the cast become one pass over each chunk's logits instead of ~9 eager ones. One graph for every chunk
+# length (dynamic shapes). Off until timed (bench.train_throughput --variants fast_bf16res_compiled_ce).
+_COMPILED_CHUNK = None
+
+
+def _compiled_chunk():
+    global _COMPILED_CHUNK
+    if _COMPILED_CHUNK is None:
+        _COMPILED_CHUNK = torch.compile(_chunk_loss_and_grad, dynamic=True)
+    return _COMPILED_CHUNK
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, target, smoothing, chunk, compute_dtype):
+    def forward(ctx, h, weight, bias, target, smoothing, chunk, compute_dtype, compiled):
         n = h.shape[0]
         want_grad = any(ctx.needs_input_grad[:3])
         acc = torch.promote_types(compute_dtype, torch.float32)
@@ -42,12 +57,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if want_grad else None
         grad_b = torch.zeros_like(bias, dtype=acc) if want_grad else None
         w = weight.to(compute_dtype)
+        chunk_fn = _compiled_chunk() if compiled else _chunk_loss_and_grad
         for start in range(0, n, chunk):
             hc, tc = h[start:start + chunk], target[start:start + chunk]
-            loss, g = _chunk_loss_and_grad(hc, w, bias, tc, smoothing, want_grad, compute_dtype)
+            # g: d(mean loss) / d(logits) of this chunk
+            loss, g = chunk_fn(hc, w, bias, tc, smoothing, want_grad, compute_dtype, n)
             total += loss
             if want_grad:
-                g = g.div_(n).to(compute_dtype)  # d(mean loss) / d(logits) of this chunk
                 grad_h[start:start + chunk] = (g @ w).to(h.dtype)
                 grad_w += (g.t() @ hc.to(compute_dtype)).to(acc)
                 grad_b += g.to(acc).sum(0)
@@ -58,16 +74,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None, None, None, None
 
 
 def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
                          label_smoothing: float = 0.0, chunk_tokens: int = 8192,
-                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``features @ weight.T + bias`` against ``target``, chunked over tokens.
 
     features (..., C), target (...) int64. compute_dtype: the matmul input dtype (default: the autocast
-    dtype when autocast is on for the features' device, else the features' dtype).
+    dtype when autocast is on for the features' device, else the features' dtype). compiled: each chunk's
+    softmax and gradient through torch.compile (see _COMPILED_CHUNK).
     """
     if compute_dtype is None:
         dev = features.device.type
@@ -78,4 +95,4 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: tor
         raise ValueError(f"{h.shape[0]} feature rows for {t.shape[0]} targets")
     with torch.autocast(features.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, bias, t, float(label_smoothing), int(chunk_tokens),
-                                         compute_dtype)
+                                         compute_dtype, bool(compiled))

@@ -280,20 +280,20 @@ class VAR(nn.Module):
     # ------------------------------------------------------ teacher forcing
     def forward(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, prog_si: int | None = None,
                 target: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                ce_chunk_tokens: int = 8192) -> torch.Tensor:
+                ce_chunk_tokens: int = 8192, ce_compiled: bool = False) -> torch.Tensor:
         """Logits (B, ed, V) for the first ``prog_si + 1`` scales (all scales when prog_si is -1/None).
 
         x_BLCv: (B, >= ed - first_l, Cvae) teacher-forcing input of scales 1.., extra tokens are ignored.
         With ``target`` (B, >= ed) token indices, returns instead the mean cross-entropy over the ed tokens,
-        computed by the memory-lean fused head (no logits kept; see fused_cross_entropy.py). It goes
-        through forward so that wrappers' hooks (DDP, FSDP2) see it.
+        computed by the memory-lean fused head (no logits kept; see fused_cross_entropy.py; ce_compiled: its
+        chunks through torch.compile). It goes through forward so that wrappers' hooks (DDP, FSDP2) see it.
         """
         h, cond_BD = self.hidden_states(label_B, x_BLCv, prog_si)
         if target is None:
             return self.head_logits(h, cond_BD)
         feats = self.head_features(h, cond_BD)
         return linear_cross_entropy(feats, self.head.weight, self.head.bias, target[:, : h.shape[1]],
-                                    label_smoothing, ce_chunk_tokens)
+                                    label_smoothing, ce_chunk_tokens, compiled=ce_compiled)
 
     def hidden_states(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, prog_si: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
