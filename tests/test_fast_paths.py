@@ -121,6 +121,7 @@ def test_compiled_cross_entropy_chunks_equal_the_eager_ones():
     """compiled=True: the chunks' softmax and gradient through torch.compile, one graph for every chunk length
     (chunks of 16 and a last one of 10 here), with label smoothing."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 37, 12, generator=g, requires_grad=True)
@@ -128,14 +129,13 @@ def test_compiled_cross_entropy_chunks_equal_the_eager_ones():
     b = torch.randn(50, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (2, 37), generator=g)
     torch._dynamo.reset()
+    counters.clear()
     results = []
     for compiled in (False, True):
         loss = linear_cross_entropy(h, w, b, t, 0.1, chunk_tokens=16, compiled=compiled)
         results.append((loss, *torch.autograd.grad(loss * 3, (h, w, b))))
     for got, ref in zip(results[1], results[0]):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    from torch._dynamo.utils import counters
-
     assert counters["stats"]["unique_graphs"] == 1
 
 
