@@ -1,5 +1,5 @@
 """Teacher-forced cosine attention as Triton kernels: q/k normalisation, block-causal attention and the
-qkv gradient in three kernels (``attn_impl=fused``, CUDA; off by default until timed).
+qkv gradient in one forward and three backward kernels (``attn_impl=fused``, CUDA; opt-in until timed).
 
 What the blocks otherwise run around the attention kernels (attention.py, ``scalewise``): the q and k
 L2-normalisation and per-head temperature as their own pass over q and k, per-scale SDPA calls whose key
@@ -13,10 +13,10 @@ gradient, the normalisation's backward, and the output transposed for ``proj``. 
   the keys before the end of its own scale, so the mask is one comparison against ``ends`` (no -inf
   matrix, and key tiles past the last query's end are never visited). The output goes out as (B, L, H, c),
   which is ``proj``'s input without a copy.
-- backward: ``_key_grads`` (one program per 64 keys: loops over the queries that see them, so the key and
-  value gradients come out whole) and ``_query_grads`` (one per 64 queries), both writing the raw q, k and v
-  gradients, normalisation's backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's
-  gradient as it is.
+- backward: ``_row_dots`` (dO . O per query row, the softmax backward's row term), ``_key_grads`` (one
+  program per 64 keys: loops over the queries that see them, so the key and value gradients come out whole)
+  and ``_query_grads`` (one per 64 queries), both writing the raw q, k and v gradients, normalisation's
+  backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's gradient as it is.
 
 It computes what the plain path computes: q and k normalised in fp32, scaled, rounded to the qkv dtype,
 softmax(q k^T) v with fp32 accumulation (the flash recurrence, as cuDNN's kernel). Gradients of q and k skip
