@@ -24,12 +24,14 @@ from var.sampling.sampler import draw_scale, guidance_scale, stream_keys
 
 SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
 # kernel_w4: the kernel with 4 warps per program instead of its default 8; kernel_early_stop and
-# kernel_full_search: its top-k search with and without the early stop; kernel_topp_from_topk: the top-p
-# search from the top-k threshold's bits (kernel: the module's defaults).
+# kernel_full_search: its top-k search with and without the early stop; kernel_topp_from_topk and
+# kernel_full_topp_search: its top-p search from the top-k threshold's bits or over all 32 (kernel: the
+# module's defaults).
 DRAWS = {"kernel": kernel_draw, "kernel_w4": functools.partial(kernel_draw, num_warps=4),
          "kernel_early_stop": functools.partial(kernel_draw, early_stop=True),
          "kernel_full_search": functools.partial(kernel_draw, early_stop=False),
          "kernel_topp_from_topk": functools.partial(kernel_draw, topp_from_topk=True),
+         "kernel_full_topp_search": functools.partial(kernel_draw, topp_from_topk=False),
          "compiled": compiled_draw, "eager": draw_scale}
 
 

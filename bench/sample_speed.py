@@ -60,30 +60,22 @@ LEVERS = {
     "no-gelu-epilogue": ("var.sampling.graphed", "GELU_EPILOGUE", "gelu_epilogue"),
     "nearest-upsample": ("var.models.vqgan_blocks", "TRANSPOSED_UPSAMPLE_CONV", "transposed_upsample_conv"),
     "full-topk-search": ("var.sampling.draw_kernel", "TOPK_EARLY_STOP", "topk_early_stop"),
+    "full-topp-search": ("var.sampling.draw_kernel", "TOPP_FROM_TOPK", "topp_from_topk"),
 }
 
 
-# Candidates: levers still off by default, each switched on by name (--on) until it is timed.
-CANDIDATES = {
-    "topp-from-topk": ("var.sampling.draw_kernel", "TOPP_FROM_TOPK", "topp_from_topk"),
-}
-
-
-def set_levers(off: Sequence[str], on: Sequence[str] = ()) -> dict:
-    """Switch the named levers off (the others on) and the named candidates on (the others off);
-    {record field: on} for the JSON line."""
-    state = {}
-    for table, chosen, default in ((LEVERS, off, True), (CANDIDATES, on, False)):
-        for flag, (module, constant, field) in table.items():
-            value = default != (flag in chosen)
-            setattr(importlib.import_module(module), constant, value)
-            state[field] = value
-    return state
+def set_levers(off: Sequence[str]) -> dict:
+    """Switch the named levers off (the others on); {record field: on} for the JSON line."""
+    on = {}
+    for flag, (module, constant, field) in LEVERS.items():
+        setattr(importlib.import_module(module), constant, flag not in off)
+        on[field] = flag not in off
+    return on
 
 
 def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = (),
-            residual_dtype: str = "param", on: Sequence[str] = ()) -> dict:
-    levers = set_levers(off, on)
+            residual_dtype: str = "param") -> dict:
+    levers = set_levers(off)
     once, setup_s = setup(depth, batch, variant, residual_dtype)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
@@ -121,10 +113,9 @@ def main() -> None:
                          "no-gelu-epilogue (fc1 and GELU as two kernels in the sampling steps), "
                          "nearest-upsample (the decoder's upsampling written out before its conv, not one "
                          "transposed conv), full-topk-search (the draw kernel's top-k search runs all 32 "
-                         "halvings instead of stopping once exactly k keys are kept)")
-    ap.add_argument("--on", nargs="*", default=[], choices=sorted(CANDIDATES),
-                    help="candidates, off by default until timed: topp-from-topk (the draw kernel's top-p "
-                         "search starts from the bits the top-k threshold and the top key share)")
+                         "halvings instead of stopping once exactly k keys are kept), full-topp-search (its "
+                         "top-p search runs all 32 halvings instead of starting from the bits the top-k "
+                         "threshold and the top key share)")
     ap.add_argument("--residual-dtype", default="param", choices=RESIDUAL_DTYPES,
                     help="the model's residual stream: param (fp32, the default) or autocast (bf16, opt-in: "
                          "it rounds the stream, so models trained with it sample with it)")
@@ -132,11 +123,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype,
-                     a.on))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype))
         return
     points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps),
-               "--residual-dtype", a.residual_dtype, "--off", *a.off, "--on", *a.on]
+               "--residual-dtype", a.residual_dtype, "--off", *a.off]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

@@ -12,14 +12,14 @@ tokens per image). FLOPs: the ``official_mfu`` convention of var/models/flops.py
 ``--table`` measures the reference's (depth, batch) pairs; a point that runs out of memory is measured
 again with activation checkpointing on every 2nd, then every block (``--ac K`` sets it from the start).
 
-Variants: plain (dense masked SDPA, eager, full logits), fast (per-scale flash attention + compiled
-blocks + fused head CE), fast_bf16res (the same with the residual stream in bf16 between the blocks, as
-the official code carries it), fast_bf16res_compiled_ce (that with each cross-entropy chunk's softmax and
-gradient compiled: task.speed.compile_head_ce), fast_autotune (the same compiled with max-autotune: Triton GEMM templates with
-fused epilogues where they beat cuBLAS), fast_fused / fast_fused_bf16res (the same with the q/k normalisation,
-attention and qkv gradient in Triton kernels: ``attn_impl=fused``), fast_flex / fast_flex_bf16res (the same with
-FlexAttention), and the ablations flex_only,
-compile_sdpa, fused_only; ``--ac K`` checkpoints every K-th block.
+Variants: plain (dense masked SDPA, eager, full logits); fast (what ``speed=fast`` sets: the cosine attention
+as Triton kernels, ``attn_impl=fused``, compiled blocks, the head's cross-entropy in token chunks with each
+chunk's softmax and gradient compiled); fast_bf16res (the same with the residual stream in bf16 between the
+blocks, as the official code carries it); the ablations of one lever each: fast_scalewise[_bf16res] (per-scale
+flash attention instead of the fused kernels, and the chunks uncompiled: ``speed=fast`` before 2026-12-07),
+fast_eager_ce_chunks[_bf16res] (the chunks uncompiled), fast_flex[_bf16res] (FlexAttention), fast_autotune
+(compiled with max-autotune: Triton GEMM templates with fused epilogues where they beat cuBLAS); and flex_only,
+compile_sdpa, chunked_ce_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
 """
 
@@ -58,19 +58,21 @@ class Variant(NamedTuple):
     compile_head_ce: bool = False
 
 
+BF16 = "autocast"  # residual_dtype of the _bf16res variants
 VARIANTS = {
     "plain": Variant("sdpa", False, False),
-    "fast": Variant("scalewise", True, True),
-    "fast_bf16res": Variant("scalewise", True, True, residual_dtype="autocast"),
-    "fast_autotune": Variant("scalewise", True, True, "max-autotune-no-cudagraphs"),
-    "fast_bf16res_compiled_ce": Variant("scalewise", True, True, residual_dtype="autocast", compile_head_ce=True),
-    "fast_fused": Variant("fused", True, True),
-    "fast_fused_bf16res": Variant("fused", True, True, residual_dtype="autocast"),
-    "fast_flex": Variant("flex", True, True),
-    "fast_flex_bf16res": Variant("flex", True, True, residual_dtype="autocast"),
+    "fast": Variant("fused", True, True, compile_head_ce=True),
+    "fast_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True),
+    "fast_scalewise": Variant("scalewise", True, True),
+    "fast_scalewise_bf16res": Variant("scalewise", True, True, residual_dtype=BF16),
+    "fast_eager_ce_chunks": Variant("fused", True, True),
+    "fast_eager_ce_chunks_bf16res": Variant("fused", True, True, residual_dtype=BF16),
+    "fast_flex": Variant("flex", True, True, compile_head_ce=True),
+    "fast_flex_bf16res": Variant("flex", True, True, residual_dtype=BF16, compile_head_ce=True),
+    "fast_autotune": Variant("fused", True, True, "max-autotune-no-cudagraphs", compile_head_ce=True),
     "flex_only": Variant("flex", False, False),
     "compile_sdpa": Variant("sdpa", True, True),
-    "fused_only": Variant("sdpa", False, True),
+    "chunked_ce_only": Variant("sdpa", False, True),
 }
 
 

@@ -16,9 +16,9 @@ The attention kernel itself is one function looked up by name in ``ATTENTION_IMP
   Exactly the block-causal attention, computed over the allowed pairs only and by the flash kernels,
   which take no mask. The small leading scales (``SCALEWISE_MERGE_TOKENS``) share one masked call.
 - ``fused``: with ``cos_attn`` in teacher forcing on CUDA, the q/k normalisation, the block-causal attention
-  and the qkv gradient as Triton kernels (fused_attention.py): no normalised copies, partial key gradients
-  or stacked gradient to assemble. Elsewhere (sampling's cached steps, the CPU, plain dot-product
-  attention) it runs as ``scalewise``.
+  and the qkv gradient as Triton kernels (fused_attention.py; ``speed=fast``): no normalised copies, partial
+  key gradients or stacked gradient to assemble. Elsewhere (sampling's cached steps, the CPU, plain
+  dot-product attention) it runs as ``scalewise``.
 - ``math``: explicit softmax(QK^T)V, for debugging.
 
 The mask argument is whatever ``attention_mask(impl, patch_nums, ...)`` built for that impl. State-dict names (``mat_qkv``, ``q_bias``, ``v_bias``, ``zero_k_bias``, ``scale_mul_1H11``,

@@ -1,11 +1,13 @@
 """Teacher-forced cosine attention as Triton kernels: q/k normalisation, block-causal attention and the
-qkv gradient in one forward and three backward kernels (``attn_impl=fused``, CUDA; opt-in until timed).
+qkv gradient in one forward and three backward kernels (``attn_impl=fused``, CUDA; what ``speed=fast`` runs).
 
 What the blocks otherwise run around the attention kernels (attention.py, ``scalewise``): the q and k
 L2-normalisation and per-head temperature as their own pass over q and k, per-scale SDPA calls whose key
 gradients are partial sums to add up, the three gradients stacked back into the fused qkv projection's
 gradient, the normalisation's backward, and the output transposed for ``proj``. A d16 training step spends
-~12 ms of 169 on that assembly and ~9 on the normalisation (bench/results, notes 23 and 27). Here:
+~12 ms of 169 on that assembly and ~9 on the normalisation (bench/results, notes 23 and 27). Here (measured
+on an H100, bench/results note 54: attention with its normalisation 3.18 -> 2.30 ms per d16 block, forward and
+backward; d16 step 170.9 -> 162.5 ms, d20 302.5 -> 283.3 ms, 4-6 GiB less memory):
 
 - forward (``_attention_fwd``): one program per (image, head, 64 queries) reads the raw q and k rows
   straight out of the qkv projection's output (B, L, 3, H, c), normalises them in registers, and runs
