@@ -87,7 +87,7 @@ def attention_mask(impl: str, patch_nums: Sequence[int], bias: torch.Tensor, len
     """The mask object ``impl`` expects for teacher forcing over the first ``length`` tokens.
 
     ``bias`` is the model's dense (1, 1, L, L) mask buffer; flex masks are built once per (length, device).
-    merge_tokens: scalewise only, default SCALEWISE_MERGE_TOKENS.
+    merge_tokens: scalewise (and fused's fallback) only, default SCALEWISE_MERGE_TOKENS.
     """
     if impl in ("scalewise", "fused"):
         merge = SCALEWISE_MERGE_TOKENS if merge_tokens is None else merge_tokens
@@ -267,11 +267,9 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias)
         if (self.attn_impl == "fused" and self.cos_attn and attn_bias is not None and not self.caching
-                and fused_attention is not None):
-            if fused_attention.supports(qkv, self.num_heads):
-                scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().view(-1)
-                return self.proj(fused_attention.fused_cos_attention(qkv, scale_mul, attn_bias.bounds,
-                                                                     self.num_heads))
+                and fused_attention is not None and fused_attention.supports(qkv, self.num_heads)):
+            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().view(-1)
+            return self.proj(fused_attention.fused_cos_attention(qkv, scale_mul, attn_bias.bounds, self.num_heads))
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, c)
         if self.cos_attn:
