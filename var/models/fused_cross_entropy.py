@@ -35,7 +35,8 @@ def _chunk_loss_and_grad(h, weight, bias, target, smoothing: float, want_grad: b
 
 # torch.compile of the chunk function (``compiled=True``, speed=fast): the softmax, its gradient, the scaling
 # and the cast become one pass over each chunk's logits instead of ~9 eager ones (d16 step on an H100: -3.3 ms,
-# bench.train_throughput --variants fast_bf16res fast_bf16res_compiled_ce). One graph for every chunk length.
+# bench/results note 55; ablation: bench.train_throughput --variants fast_bf16res fast_eager_ce_chunks_bf16res).
+# One graph for every chunk length.
 _COMPILED_CHUNK = None
 
 

@@ -34,7 +34,7 @@ MAX_VOCAB = 16384
 # the row (all ten scales of a guided d16 batch of 64: 3.95 against 4.43 ms, H100; bench.draw_speed).
 TOPK_EARLY_STOP = True
 # With top-k, the top-p search starts from the bits the top-k threshold and the top key share: fewer passes,
-# the same threshold (all ten scales of a guided d16 batch of 64: 3.96 against 3.10 ms, H100; bench.draw_speed).
+# the same threshold (all ten scales of a guided d16 batch of 64: 3.10 against 3.96 ms, H100; bench.draw_speed).
 TOPP_FROM_TOPK = True
 
 
