@@ -78,6 +78,14 @@ def _cast(x, dtype, EMULATED: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(H, SIZE: tl.constexpr):
+    """This program's tile number, image * H + head, image, head and the token indices of its tile (every
+    kernel runs on a grid of (tiles, images * heads))."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    return tile, bh, bh // H, bh % H, tile * SIZE + tl.arange(0, SIZE)
+
+
+@triton.jit
 def _qkv_rows(qkv, part, b, h, idx, L, H, D: tl.constexpr):
     """Pointers and row mask of tokens ``idx`` of q (part 0), k (1) or v (2), head h, image b in a
     (B, L, 3, H, D) tensor."""
@@ -113,9 +121,7 @@ def _scaled_queries(qkv, temp, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: 
 @triton.jit
 def _attention_fwd(qkv, temp, ends, out, lse, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
                    D: tl.constexpr, EMULATED: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = pid_m * BM + tl.arange(0, BM)
+    pid_m, bh, b, h, rows = _program_tile(H, BM)
     q, _, _ = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
     q_end = tl.load(ends + rows, mask=rows < L, other=1)
     kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)  # ends grow with the token: the tile's last
@@ -140,10 +146,9 @@ def _attention_fwd(qkv, temp, ends, out, lse, L, H, eps, BM: tl.constexpr, BN: t
 @triton.jit
 def _row_dots(out, dout, delta, L, H, BM: tl.constexpr, D: tl.constexpr):
     """delta[b, h, l] = dO . O over the head's c values: the softmax backward's row term."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    o_ptrs, inside = _head_rows(out, bh // H, bh % H, rows, L, H, D)
-    do_ptrs, _ = _head_rows(dout, bh // H, bh % H, rows, L, H, D)
+    _, bh, b, h, rows = _program_tile(H, BM)
+    o_ptrs, inside = _head_rows(out, b, h, rows, L, H, D)
+    do_ptrs, _ = _head_rows(dout, b, h, rows, L, H, D)
     o = tl.load(o_ptrs, mask=inside, other=0.0).to(tl.float32)
     do = tl.load(do_ptrs, mask=inside, other=0.0).to(tl.float32)
     tl.store(delta + bh.to(tl.int64) * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
@@ -164,9 +169,7 @@ def _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows, L, H, eps, D: tl.
 def _key_grads(qkv, temp, ends, begins, dout, lse, delta, dqkv, L, H, eps, BM: tl.constexpr,
                BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
     """dK and dV of BN keys, summed over every query that sees them; transposed scores (keys x queries)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    cols = pid_n * BN + tl.arange(0, BN)
+    pid_n, bh, b, h, cols = _program_tile(H, BN)
     k, k_unit, k_norm, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
@@ -190,9 +193,7 @@ def _key_grads(qkv, temp, ends, begins, dout, lse, delta, dqkv, L, H, eps, BM: t
 def _query_grads(qkv, temp, ends, dout, lse, delta, dqkv, dtemp, L, H, eps, BM: tl.constexpr,
                  BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
     """dQ of BM queries over the keys they see, and the tile's share of the temperature's gradient."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = pid_m * BM + tl.arange(0, BM)
+    pid_m, bh, b, h, rows = _program_tile(H, BM)
     q, q_unit, q_norm, q_end, row_lse, row_delta, do = _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows,
                                                                    L, H, eps, D, EMULATED)
     kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
