@@ -34,7 +34,6 @@ from var.models.attention import (
     attention_mask,
     block_causal_bias,
     block_causal_block_mask,
-    scale_bounds,
 )
 
 LIBRARY_TILES = dict(fused_attention.TILES)
@@ -58,12 +57,11 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
     qkv = torch.randn(batch, L, 3, H, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(*((batch, L, H * c) if cos else (batch, H, L, c)), device="cuda", dtype=torch.bfloat16)
     temperature = torch.full((H,), 4.0, device="cuda", requires_grad=True)  # the per-head scale of q
-    bounds = scale_bounds(pn, L, "cuda")
 
     @torch.compile(dynamic=False, mode=mode)
     def step(qkv):
         if impl == "fused":
-            return fused_attention.fused_cos_attention(qkv.view(batch, L, 3 * H * c), temperature, bounds, H)
+            return fused_attention.fused_cos_attention(qkv.view(batch, L, 3 * H * c), temperature, mask.bounds, H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if not cos:
             return fn(q, k, v, 1.0 / c**0.5, mask)
