@@ -15,6 +15,12 @@ only then is ``fused`` (var/models/fused_attention.py: all of it in Triton kerne
 measured only so. ``--fused-tiles`` tries its tile sizes (JSON, as fused_attention.TILES).
 
     python -m bench.attention_speed --cos --impls scalewise fused --merges 255 --backends auto
+
+``--fused-kernels`` times each of fused's kernels on its own (forward, dO.O rows, key gradients, query
+gradients), with and without the forward's saved q/k, then every candidate tile of each kernel
+(``TILE_CANDIDATES``): one JSON line per kernel and setting, with TFLOP/s over the allowed pairs' matmuls.
+
+    python -m bench.attention_speed --fused-kernels --depths 16 20
 """
 
 from __future__ import annotations
@@ -85,6 +91,64 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
             "first_s": round(first, 1), **environment()}
 
 
+# (queries, keys, warps, stages) per kernel; the key kernel's queries and the others' keys are its inner loop.
+TILE_CANDIDATES = {
+    "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
+            (64, 128, 4, 3), (64, 64, 8, 3)],
+    "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 4, 2),
+             (16, 64, 4, 3), (64, 64, 8, 2)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2),
+           (64, 16, 4, 3), (64, 64, 8, 2)],
+}
+MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3, "row_dots": 0}  # per allowed (query, key) pair and head channel
+
+
+def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) -> list[dict]:
+    """Each fused kernel timed alone at the library's tiles, with the saved q/k and without; then each
+    candidate tile of each kernel with them."""
+    from var.models.attention import scale_bounds
+
+    pn = OFFICIAL["patch_nums"]
+    L, H, c = sum(p * p for p in pn), depth, 64
+    ends, begins = scale_bounds(pn, L, torch.device("cuda"))
+    pairs = int(ends.long().sum()) * batch * H  # each query sees the keys before its scale's end
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, L, 3 * H * c, device="cuda", dtype=torch.bfloat16, generator=g)
+    temp = torch.full((H,), 4.0, device="cuda")
+    dout = torch.randn(batch, L, H * c, device="cuda", dtype=torch.bfloat16, generator=g)
+    dqkv = torch.empty_like(qkv)
+    fa = fused_attention
+    records = []
+
+    def time_kernel(kernel: str, save_qk: bool, tiles: tuple | None = None) -> None:
+        fa.TILES = {**LIBRARY_TILES, **({kernel: tiles} if tiles else {})}
+        out, lse, qk = fa.forward(qkv, temp, ends, H, save_qk)
+        delta = fa.row_dots(out, dout, H)
+        run = {"fwd": lambda: fa.forward(qkv, temp, ends, H, save_qk),
+               "row_dots": lambda: fa.row_dots(out, dout, H),
+               "dkdv": lambda: fa.key_grads(dqkv, dout, qkv, temp, ends, begins, lse, delta, qk, H),
+               "dq": lambda: fa.query_grads(dqkv, dout, qkv, temp, ends, lse, delta, qk, H)}[kernel]
+        try:
+            first, ms, _ = time_calls(run, iters)
+            rec = {"ms": round(ms, 4), "first_s": round(first, 1),
+                   "tflops": round(2 * MATMULS[kernel] * pairs * c / ms / 1e9, 1)}
+        except Exception as e:  # a tile that does not fit the shared memory is one result
+            rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        records.append({"bench": "attention_kernel", "kernel": kernel, "depth": depth, "batch": batch,
+                        "save_qk": save_qk, "tiles": list(fa.TILES[kernel]) if kernel != "row_dots" else None,
+                        **rec, **environment()})
+        emit(records[-1])
+
+    for save_qk in (True, False):
+        for kernel in ("fwd", "row_dots", "dkdv", "dq"):
+            time_kernel(kernel, save_qk)
+    for kernel, tiles in candidates.items():
+        for t in tiles:
+            time_kernel(kernel, True, tuple(t))
+    fa.TILES = dict(LIBRARY_TILES)
+    return records
+
+
 def set_fused_tiles(tiles: str | None) -> None:
     """fused_attention.TILES for the next case: the library's own, or a JSON override of some kernels."""
     fused_attention.TILES = {**LIBRARY_TILES, **{k: tuple(v) for k, v in json.loads(tiles or "{}").items()}}
@@ -103,11 +167,22 @@ def main() -> None:
     ap.add_argument("--cos", action="store_true", help="time the normalisation and output layout too (above)")
     ap.add_argument("--fused-tiles", nargs="+", default=None,
                     help='JSON tiles for fused, one case each, e.g. \'{"fwd": [128, 64, 4, 3], "bwd": [64, 64, 4, 2]}\'')
+    ap.add_argument("--fused-kernels", action="store_true", help="time fused's kernels one by one (above)")
+    ap.add_argument("--candidates", default=None,
+                    help='JSON tile candidates per kernel for --fused-kernels (default: TILE_CANDIDATES)')
     ap.add_argument("--flex-modes", nargs="+", default=["default", "max-autotune-no-cudagraphs"])
     ap.add_argument("--flex-options", nargs="+", default=None,
                     help="JSON kernel_options for flex, one case each (default: attention.FLEX_KERNEL_OPTIONS)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.fused_kernels:
+        for depth in a.depths:
+            for rec in measure_fused_kernels(depth, a.batch, a.iters, json.loads(a.candidates or "null")
+                                             or TILE_CANDIDATES):
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+        return
     # Each case compiles afresh: a cached graph of another case could carry that case's SDPA backend.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False

@@ -114,11 +114,12 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
 
 
 def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float,
-            merge_tokens: int | None = None, flex_options: str | None = None, flex_block: int | None = None
-            ) -> dict:
+            merge_tokens: int | None = None, flex_options: str | None = None, flex_block: int | None = None,
+            fused_tiles: str | None = None) -> dict:
     import var.models.attention as attention
 
-    set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options), flex_block)
+    set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options), flex_block,
+                        None if fused_tiles is None else json.loads(fused_tiles))
     cfg, step = setup(depth, batch, variant, ac)
     losses = []
     first_s, step_ms, _ = time_calls(lambda: losses.append(step()), steps, warmup - 1)  # first: compiling
@@ -135,6 +136,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
         "activation_checkpointing": ac, "scalewise_merge_tokens": attention.SCALEWISE_MERGE_TOKENS,
         **({"flex_options": attention.FLEX_KERNEL_OPTIONS, "flex_block": attention.FLEX_BLOCK_SIZE}
            if VARIANTS[variant].attn_impl == "flex" else {}),
+        **({"fused_tiles": fused_tiles_used()} if VARIANTS[variant].attn_impl == "fused" else {}),
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),
@@ -145,6 +147,12 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
         "first_step_s": round(first_s, 1), "compiled_graphs": graphs, "loss_first": round(first.item(), 4), "loss_last": round(last.item(), 4),
         **environment(),
     }
+
+
+def fused_tiles_used() -> dict:
+    from var.models import fused_attention
+
+    return {k: list(v) for k, v in fused_attention.TILES.items()}
 
 
 # The reference table's (depth, batch) pairs: the official code runs out of memory at d24/48 and d30/32.
@@ -159,6 +167,7 @@ def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float)
     knobs = [] if a.merge_tokens is None else ["--merge-tokens", str(a.merge_tokens)]  # attention settings
     knobs += [] if a.flex_options is None else ["--flex-options", a.flex_options]
     knobs += [] if a.flex_block is None else ["--flex-block", str(a.flex_block)]
+    knobs += [] if a.fused_tiles is None else ["--fused-tiles", a.fused_tiles]
     return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *knobs]
 
@@ -190,6 +199,8 @@ def main() -> None:
                     help="scalewise attention: merge the scales ending within N tokens into one call")
     ap.add_argument("--flex-options", default=None, help="JSON kernel_options for flex attention")
     ap.add_argument("--flex-block", type=int, default=None, help="flex attention's mask tile (tokens)")
+    ap.add_argument("--fused-tiles", default=None,
+                    help='JSON tiles for some fused attention kernels, e.g. \'{"dq": [128, 32, 4, 3]}\'')
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ceiling", type=float, default=None, help="matmul FLOP/s (default: measure)")
@@ -199,7 +210,7 @@ def main() -> None:
     ceiling = a.ceiling or matmul_ceiling()
     if a.one:
         emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling, a.merge_tokens, a.flex_options,
-                     a.flex_block))
+                     a.flex_block, a.fused_tiles))
         return
     if a.table:
         a.depths = a.depths or list(REFERENCE_BATCHES)

@@ -43,10 +43,13 @@ def errors(fn, qkv, temperature, grad):
     return [float((g.detach().double() - r.detach()).abs().max() / r.detach().abs().max()) for g, r in zip(got, ref)]
 
 
-def op_case(name: str, dtype, tiles: int, length: int, temperatures=(4.0, 9.5), head_dim: int = 16,
-            zero_rows: bool = False):
+def op_case(name: str, dtype, tiles, length: int, temperatures=(4.0, 9.5), head_dim: int = 16,
+            zero_rows: bool = False, save_qk: bool = True):
+    """``tiles``: one size for every kernel, or (queries, keys) per kernel as fused_attention.TILES."""
     global fn_ref
-    fused_attention.TILES = {"fwd": (tiles, tiles, 4, 1), "bwd": (tiles, tiles, 4, 1)}
+    fused_attention.TILES = {kernel: (*(tiles.get(kernel) if isinstance(tiles, dict) else (tiles, tiles)), 4, 1)
+                             for kernel in ("fwd", "dkdv", "dq")}
+    fused_attention.SAVE_QK = save_qk
     heads = len(temperatures)
     g = torch.Generator().manual_seed(0)
     qkv = 2 * torch.randn(2, length, 3 * heads * head_dim, generator=g)
@@ -93,6 +96,9 @@ def model_case(name: str, compiled: bool, prog_si: int = -1):
 if __name__ == "__main__":
     op_case("fp32_tiles16", torch.float32, 16, 91, zero_rows=True)
     op_case("fp32_prefix55", torch.float32, 16, 55)  # progressive training: the first 5 scales
+    # Unequal tiles (whole and cut tiles fall elsewhere in each kernel), normalising again in the backward.
+    op_case("fp32_mixed_tiles_renormalised", torch.float32, {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)},
+            91, zero_rows=True, save_qk=False)
     op_case("fp32_one_tile", torch.float32, 64, 91, temperatures=(1.0,), head_dim=32)
     op_case("bf16_tiles16", torch.bfloat16, 16, 91, temperatures=(9.5, 20.0))  # sharp softmax: rounding shows
     model_case("model_eager", compiled=False)

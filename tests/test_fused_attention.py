@@ -37,8 +37,8 @@ def test_fused_kernels_equal_the_plain_path_in_the_interpreter():
     few times the plain path's own rounding. A tiny VAR with fused attention gives scalewise's loss and
     gradients, whole and over a prefix of its scales (progressive training)."""
     cases = _probe()
-    assert len(cases) == 6
-    for name in ("fp32_tiles16", "fp32_prefix55", "fp32_one_tile"):
+    assert len(cases) == 7
+    for name in ("fp32_tiles16", "fp32_prefix55", "fp32_mixed_tiles_renormalised", "fp32_one_tile"):
         assert max(cases[name]["fused"]) < 1e-5, cases[name]
     bf16 = cases["bf16_tiles16"]
     for got, plain in zip(bf16["fused"], bf16["plain"]):

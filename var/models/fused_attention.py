@@ -36,7 +36,10 @@ import triton.language as tl
 
 # Tiles (queries, keys), warps and pipeline stages per kernel: 64-token tiles follow the pyramid's ragged
 # block-causal edge (bench/results note 24). bench.attention_speed --fused-tiles tries others.
-TILES = {"fwd": (64, 64, 4, 3), "bwd": (64, 64, 4, 2)}
+TILES = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+# The forward saves the scaled q and unit k it used (B x L x 2C in the qkv dtype), so that the backward's
+# inner loops load them rather than normalise every tile again.
+SAVE_QK = True
 NORM_EPS = 1e-12  # F.normalize's
 # Triton's CPU interpreter (tests) runs the kernels on CPU tensors; it must be chosen before Triton loads.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,189 +89,273 @@ def _program_tile(H, SIZE: tl.constexpr):
 
 
 @triton.jit
-def _qkv_rows(qkv, part, b, h, idx, L, H, D: tl.constexpr):
-    """Pointers and row mask of tokens ``idx`` of q (part 0), k (1) or v (2), head h, image b in a
-    (B, L, 3, H, D) tensor."""
+def _rows(x, part, parts, b, h, idx, L, H, D: tl.constexpr):
+    """Pointers and row mask of tokens ``idx``, head h, image b of part ``part`` in a (B, L, parts, H, D)
+    tensor: q, k, v of qkv (parts 3), the saved scaled q and unit k (2), out and dout (1)."""
     C = H * D
-    ptrs = qkv + b.to(tl.int64) * L * 3 * C + part * C + h * D + idx[:, None] * (3 * C) + tl.arange(0, D)[None, :]
+    ptrs = x + b.to(tl.int64) * L * parts * C + part * C + h * D + idx[:, None] * (parts * C) + tl.arange(0, D)[None, :]
     return ptrs, (idx < L)[:, None]
 
 
 @triton.jit
-def _head_rows(x, b, h, idx, L, H, D: tl.constexpr):
-    """Pointers and row mask of tokens ``idx``, head h, image b in a (B, L, H, D) tensor (out, dout)."""
-    ptrs = x + b.to(tl.int64) * L * H * D + idx[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
-    return ptrs, (idx < L)[:, None]
+def _load_rows(x, part, parts, b, h, idx, L, H, D: tl.constexpr):
+    ptrs, inside = _rows(x, part, parts, b, h, idx, L, H, D)
+    return tl.load(ptrs, mask=inside, other=0.0)
 
 
 @triton.jit
 def _unit_keys(qkv, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
-    """Normalised k rows in the qkv dtype, with their unit vectors and norms (fp32), and the v rows."""
-    ptrs, inside = _qkv_rows(qkv, 1, b, h, idx, L, H, D)
-    unit, norm = _unit_rows(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32), eps)
-    ptrs, inside = _qkv_rows(qkv, 2, b, h, idx, L, H, D)
-    return _cast(unit, qkv.dtype.element_ty, EMULATED), unit, norm, tl.load(ptrs, mask=inside, other=0.0)
+    """Normalised k rows in the qkv dtype, with their unit vectors and norms (fp32)."""
+    unit, norm = _unit_rows(_load_rows(qkv, 1, 3, b, h, idx, L, H, D).to(tl.float32), eps)
+    return _cast(unit, qkv.dtype.element_ty, EMULATED), unit, norm
 
 
 @triton.jit
 def _scaled_queries(qkv, temp, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
     """temperature * unit q rows in the qkv dtype, with the unit vectors and norms (fp32)."""
-    ptrs, inside = _qkv_rows(qkv, 0, b, h, idx, L, H, D)
-    unit, norm = _unit_rows(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32), eps)
+    unit, norm = _unit_rows(_load_rows(qkv, 0, 3, b, h, idx, L, H, D).to(tl.float32), eps)
     return _cast(unit * tl.load(temp + h), qkv.dtype.element_ty, EMULATED), unit, norm
 
 
 @triton.jit
-def _attention_fwd(qkv, temp, ends, out, lse, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
-                   D: tl.constexpr, EMULATED: tl.constexpr):
+def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
+                   D: tl.constexpr, EMULATED: tl.constexpr, SAVE_QK: tl.constexpr):
     pid_m, bh, b, h, rows = _program_tile(H, BM)
     q, _, _ = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
+    if SAVE_QK:  # the backward's inner loops read these instead of normalising every tile again
+        ptrs, inside = _rows(qk, 0, 2, b, h, rows, L, H, D)
+        tl.store(ptrs, q, mask=inside)
+        ptrs, inside = _rows(qk, 1, 2, b, h, rows, L, H, D)
+        k, _, _ = _unit_keys(qkv, b, h, rows, L, H, eps, D, EMULATED)
+        tl.store(ptrs, k, mask=inside)
     q_end = tl.load(ends + rows, mask=rows < L, other=1)
-    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)  # ends grow with the token: the tile's last
+    whole = tl.load(ends + pid_m * BM) // BN * BN  # ends grow with the token: key tiles below this are
+    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)  # seen by every query of the tile
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for start in range(0, kv_end, BN):
-        cols = start + tl.arange(0, BN)
-        k, _, _, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
-        s = tl.where(cols[None, :] < q_end[:, None], _dot(q, tl.trans(k), EMULATED), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, EMULATED), v, EMULATED)
-        m_i = m_new
-    ptrs, inside = _head_rows(out, b, h, rows, L, H, D)
+    for start in range(0, whole, BN):
+        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN, D, EMULATED, False)
+    for start in range(whole, kv_end, BN):  # the tiles the scales' ends cut: masked
+        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN, D, EMULATED, True)
+    ptrs, inside = _rows(out, 0, 1, b, h, rows, L, H, D)
     tl.store(ptrs, _cast(acc / l_i[:, None], out.dtype.element_ty, EMULATED), mask=inside)
     tl.store(lse + bh.to(tl.int64) * L + rows, m_i + tl.log(l_i), mask=rows < L)
+
+
+@triton.jit
+def _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN: tl.constexpr, D: tl.constexpr,
+              EMULATED: tl.constexpr, MASKED: tl.constexpr):
+    """The flash recurrence over one key tile; the first tile is seen whole by every query, so m_i is
+    finite from then on."""
+    cols = start + tl.arange(0, BN)
+    k, _, _ = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+    s = _dot(q, tl.trans(k), EMULATED)
+    if MASKED:  # a token of scale s sees the keys before the end of its scale
+        s = tl.where(cols[None, :] < q_end[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    v = _load_rows(qkv, 2, 3, b, h, cols, L, H, D)
+    acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, EMULATED), v, EMULATED)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit
 def _row_dots(out, dout, delta, L, H, BM: tl.constexpr, D: tl.constexpr):
     """delta[b, h, l] = dO . O over the head's c values: the softmax backward's row term."""
     _, bh, b, h, rows = _program_tile(H, BM)
-    o_ptrs, inside = _head_rows(out, b, h, rows, L, H, D)
-    do_ptrs, _ = _head_rows(dout, b, h, rows, L, H, D)
-    o = tl.load(o_ptrs, mask=inside, other=0.0).to(tl.float32)
-    do = tl.load(do_ptrs, mask=inside, other=0.0).to(tl.float32)
+    o = _load_rows(out, 0, 1, b, h, rows, L, H, D).to(tl.float32)
+    do = _load_rows(dout, 0, 1, b, h, rows, L, H, D).to(tl.float32)
     tl.store(delta + bh.to(tl.int64) * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
 
 
 @triton.jit
-def _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
-    """What the backward needs of query rows: scaled q (and its unit vectors and norms), where their scales
-    end (0 past L: they see nothing), their log-sum-exp and dO . O, and dO."""
-    q, unit, norm = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
-    stats = (b * H + h).to(tl.int64) * L + rows
-    ptrs, inside = _head_rows(dout, b, h, rows, L, H, D)
-    return (q, unit, norm, tl.load(ends + rows, mask=rows < L, other=0), tl.load(lse + stats, mask=rows < L, other=0.0),
-            tl.load(delta + stats, mask=rows < L, other=0.0), tl.load(ptrs, mask=inside, other=0.0))
+def _saved(qkv, temp, qk, part: tl.constexpr, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr,
+           SAVED: tl.constexpr):
+    """Scaled q rows (part 0) or unit k rows (1) as the forward used them: read from its saved copy, or
+    normalised again."""
+    if SAVED:
+        x = _load_rows(qk, part, 2, b, h, idx, L, H, D)
+    elif part == 0:
+        x, _, _ = _scaled_queries(qkv, temp, b, h, idx, L, H, eps, D, EMULATED)
+    else:
+        x, _, _ = _unit_keys(qkv, b, h, idx, L, H, eps, D, EMULATED)
+    return x
 
 
 @triton.jit
-def _key_grads(qkv, temp, ends, begins, dout, lse, delta, dqkv, L, H, eps, BM: tl.constexpr,
-               BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
+def _row_stats(ends, lse, delta, b, h, rows, L, H):
+    """Where query rows' scales end (0 past L: they see nothing), their log-sum-exp and dO . O."""
+    stats = (b * H + h).to(tl.int64) * L + rows
+    inside = rows < L
+    return (tl.load(ends + rows, mask=inside, other=0), tl.load(lse + stats, mask=inside, other=0.0),
+            tl.load(delta + stats, mask=inside, other=0.0))
+
+
+@triton.jit
+def _key_grads(qkv, temp, ends, begins, dout, lse, delta, qk, dqkv, L, H, eps, BM: tl.constexpr,
+               BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr, SAVED: tl.constexpr):
     """dK and dV of BN keys, summed over every query that sees them; transposed scores (keys x queries)."""
     pid_n, bh, b, h, cols = _program_tile(H, BN)
-    k, k_unit, k_norm, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+    k, k_unit, k_norm = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+    v = _load_rows(qkv, 2, 3, b, h, cols, L, H, D)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     first = tl.load(begins + pid_n * BN) // BM * BM  # the first query that sees these keys: their scale's
-    for start in range(first, L, BM):
-        rows = start + tl.arange(0, BM)
-        q, _, _, q_end, row_lse, row_delta, do = _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows, L, H,
-                                                             eps, D, EMULATED)
-        p_t = tl.where(cols[:, None] < q_end[None, :], tl.exp(_dot(k, tl.trans(q), EMULATED) - row_lse[None, :]), 0.0)
-        dv += _dot(_cast(p_t, do.dtype, EMULATED), do, EMULATED)
-        ds_t = p_t * (_dot(v, tl.trans(do), EMULATED) - row_delta[None, :])
-        dk += _dot(_cast(ds_t, q.dtype, EMULATED), q, EMULATED)
+    # Queries from the last key's scale on see every key of the tile; those before it, only some.
+    whole = tl.cdiv(tl.load(begins + tl.minimum(pid_n * BN + BN, L) - 1), BM) * BM
+    for start in range(first, whole, BM):
+        dk, dv = _key_step(k, v, dk, dv, cols, start, qkv, temp, ends, dout, lse, delta, qk, b, h, L, H, eps,
+                           BM, D, EMULATED, SAVED, True)
+    for start in range(whole, L, BM):
+        dk, dv = _key_step(k, v, dk, dv, cols, start, qkv, temp, ends, dout, lse, delta, qk, b, h, L, H, eps,
+                           BM, D, EMULATED, SAVED, False)
     dk = _unit_rows_backward(dk, k_unit, k_norm, eps)
-    ptrs, inside = _qkv_rows(dqkv, 1, b, h, cols, L, H, D)
+    ptrs, inside = _rows(dqkv, 1, 3, b, h, cols, L, H, D)
     tl.store(ptrs, _cast(dk, dqkv.dtype.element_ty, EMULATED), mask=inside)
-    ptrs, inside = _qkv_rows(dqkv, 2, b, h, cols, L, H, D)
+    ptrs, inside = _rows(dqkv, 2, 3, b, h, cols, L, H, D)
     tl.store(ptrs, _cast(dv, dqkv.dtype.element_ty, EMULATED), mask=inside)
 
 
 @triton.jit
-def _query_grads(qkv, temp, ends, dout, lse, delta, dqkv, dtemp, L, H, eps, BM: tl.constexpr,
-                 BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
+def _key_step(k, v, dk, dv, cols, start, qkv, temp, ends, dout, lse, delta, qk, b, h, L, H, eps,
+              BM: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr, SAVED: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile's share of dK and dV. Rows past L have dO = 0 and dO . O = 0: they add nothing."""
+    rows = start + tl.arange(0, BM)
+    q = _saved(qkv, temp, qk, 0, b, h, rows, L, H, eps, D, EMULATED, SAVED)
+    q_end, row_lse, row_delta = _row_stats(ends, lse, delta, b, h, rows, L, H)
+    do = _load_rows(dout, 0, 1, b, h, rows, L, H, D)
+    p_t = tl.exp(_dot(k, tl.trans(q), EMULATED) - row_lse[None, :])
+    if MASKED:
+        p_t = tl.where(cols[:, None] < q_end[None, :], p_t, 0.0)
+    dv += _dot(_cast(p_t, do.dtype, EMULATED), do, EMULATED)
+    ds_t = p_t * (_dot(v, tl.trans(do), EMULATED) - row_delta[None, :])
+    return dk + _dot(_cast(ds_t, q.dtype, EMULATED), q, EMULATED), dv
+
+
+@triton.jit
+def _query_grads(qkv, temp, ends, dout, lse, delta, qk, dqkv, dtemp, L, H, eps, BM: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr, SAVED: tl.constexpr):
     """dQ of BM queries over the keys they see, and the tile's share of the temperature's gradient."""
     pid_m, bh, b, h, rows = _program_tile(H, BM)
-    q, q_unit, q_norm, q_end, row_lse, row_delta, do = _query_side(qkv, temp, ends, dout, lse, delta, b, h, rows,
-                                                                   L, H, eps, D, EMULATED)
+    q, q_unit, q_norm = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
+    q_end, row_lse, row_delta = _row_stats(ends, lse, delta, b, h, rows, L, H)
+    do = _load_rows(dout, 0, 1, b, h, rows, L, H, D)
+    whole = tl.load(ends + pid_m * BM) // BN * BN
     kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
     dq = tl.zeros([BM, D], tl.float32)
-    for start in range(0, kv_end, BN):
-        cols = start + tl.arange(0, BN)
-        k, _, _, v = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
-        p = tl.where(cols[None, :] < q_end[:, None], tl.exp(_dot(q, tl.trans(k), EMULATED) - row_lse[:, None]), 0.0)
-        ds = p * (_dot(do, tl.trans(v), EMULATED) - row_delta[:, None])
-        dq += _dot(_cast(ds, k.dtype, EMULATED), k, EMULATED)
+    for start in range(0, whole, BN):
+        dq = _query_step(q, q_end, row_lse, row_delta, do, dq, start, qkv, temp, qk, b, h, L, H, eps, BN, D,
+                         EMULATED, SAVED, False)
+    for start in range(whole, kv_end, BN):
+        dq = _query_step(q, q_end, row_lse, row_delta, do, dq, start, qkv, temp, qk, b, h, L, H, eps, BN, D,
+                         EMULATED, SAVED, True)
     # dq is d/d(t * unit q): the temperature's share is sum(dq . unit q), the unit vector's is t * dq.
     tl.store(dtemp + bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(tl.sum(dq * q_unit, axis=1), axis=0))
     dq = _unit_rows_backward(dq * tl.load(temp + h), q_unit, q_norm, eps)
-    ptrs, inside = _qkv_rows(dqkv, 0, b, h, rows, L, H, D)
+    ptrs, inside = _rows(dqkv, 0, 3, b, h, rows, L, H, D)
     tl.store(ptrs, _cast(dq, dqkv.dtype.element_ty, EMULATED), mask=inside)
+
+
+@triton.jit
+def _query_step(q, q_end, row_lse, row_delta, do, dq, start, qkv, temp, qk, b, h, L, H, eps, BN: tl.constexpr,
+                D: tl.constexpr, EMULATED: tl.constexpr, SAVED: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile's share of dQ."""
+    cols = start + tl.arange(0, BN)
+    k = _saved(qkv, temp, qk, 1, b, h, cols, L, H, eps, D, EMULATED, SAVED)
+    v = _load_rows(qkv, 2, 3, b, h, cols, L, H, D)
+    p = tl.exp(_dot(q, tl.trans(k), EMULATED) - row_lse[:, None])
+    if MASKED:
+        p = tl.where(cols[None, :] < q_end[:, None], p, 0.0)
+    ds = p * (_dot(do, tl.trans(v), EMULATED) - row_delta[:, None])
+    return dq + _dot(_cast(ds, k.dtype, EMULATED), k, EMULATED)
+
+
+# ------------------------------------------------------------------------------------------ launches
+# One function per kernel, so that bench.attention_speed --fused-kernels can time each on its own.
+def forward(qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor, heads: int, save_qk: bool):
+    """(out (B, L, C), lse (B, H, L) fp32, the scaled q and unit k as (B, L, 2C) or an empty tensor)."""
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    out = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
+    qk = qkv.new_empty((B, L, 2 * C) if save_qk else (0,))
+    BM, BN, warps, stages = TILES["fwd"]
+    _attention_fwd[(triton.cdiv(L, BM), B * heads)](
+        qkv, temperature, ends, out, lse, qk, L, heads, NORM_EPS, BM=BM, BN=BN, D=C // heads,
+        EMULATED=INTERPRETED, SAVE_QK=save_qk, num_warps=warps, num_stages=stages)
+    return out, lse, qk
+
+
+def row_dots(out: torch.Tensor, dout: torch.Tensor, heads: int) -> torch.Tensor:
+    B, L, C = out.shape
+    delta = torch.empty(B, heads, L, dtype=torch.float32, device=out.device)
+    _row_dots[(triton.cdiv(L, 64), B * heads)](out, dout, delta, L, heads, BM=64, D=C // heads)
+    return delta
+
+
+def key_grads(dqkv, dout, qkv, temperature, ends, begins, lse, delta, qk, heads: int) -> None:
+    """Writes the k and v thirds of dqkv."""
+    B, L, C3 = qkv.shape
+    BM, BN, warps, stages = TILES["dkdv"]
+    _key_grads[(triton.cdiv(L, BN), B * heads)](
+        qkv, temperature, ends, begins, dout, lse, delta, qk, dqkv, L, heads, NORM_EPS, BM=BM, BN=BN,
+        D=C3 // 3 // heads, EMULATED=INTERPRETED, SAVED=qk.numel() > 0, num_warps=warps, num_stages=stages)
+
+
+def query_grads(dqkv, dout, qkv, temperature, ends, lse, delta, qk, heads: int) -> torch.Tensor:
+    """Writes the q third of dqkv; returns the temperature's gradient (H,)."""
+    B, L, C3 = qkv.shape
+    BM, BN, warps, stages = TILES["dq"]
+    tiles = triton.cdiv(L, BM)
+    dtemp = torch.empty(B, heads, tiles, dtype=torch.float32, device=qkv.device)
+    _query_grads[(tiles, B * heads)](
+        qkv, temperature, ends, dout, lse, delta, qk, dqkv, dtemp, L, heads, NORM_EPS, BM=BM, BN=BN,
+        D=C3 // 3 // heads, EMULATED=INTERPRETED, SAVED=qk.numel() > 0, num_warps=warps, num_stages=stages)
+    return dtemp.sum(dim=(0, 2))
 
 
 # ------------------------------------------------------------------------------------------ torch ops
 @torch.library.custom_op("var::fused_cos_attention", mutates_args=())
 def _fwd_op(qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor, begins: torch.Tensor,
-            heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, L, C3 = qkv.shape
-    C = C3 // 3
-    out = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)
-    lse = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
-    BM, BN, warps, stages = TILES["fwd"]
-    _attention_fwd[(triton.cdiv(L, BM), B * heads)](
-        qkv, temperature, ends, out, lse, L, heads, NORM_EPS, BM=BM, BN=BN, D=C // heads, EMULATED=INTERPRETED,
-        num_warps=warps, num_stages=stages)
-    return out, lse
+            heads: int, save_qk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward(qkv, temperature, ends, heads, save_qk)
 
 
 @_fwd_op.register_fake
-def _(qkv, temperature, ends, begins, heads):
+def _(qkv, temperature, ends, begins, heads, save_qk):
     B, L, C3 = qkv.shape
-    return qkv.new_empty(B, L, C3 // 3), qkv.new_empty(B, heads, L, dtype=torch.float32)
+    return (qkv.new_empty(B, L, C3 // 3), qkv.new_empty(B, heads, L, dtype=torch.float32),
+            qkv.new_empty((B, L, 2 * C3 // 3) if save_qk else (0,)))
 
 
 @torch.library.custom_op("var::fused_cos_attention_backward", mutates_args=())
 def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor,
-            begins: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int
+            begins: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, qk: torch.Tensor, heads: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, L, C3 = qkv.shape
-    D = C3 // 3 // heads
     dout = dout.contiguous()
-    BM, BN, warps, stages = TILES["bwd"]
-    delta = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
-    _row_dots[(triton.cdiv(L, BM), B * heads)](out, dout, delta, L, heads, BM=BM, D=D)
+    delta = row_dots(out, dout, heads)
     dqkv = torch.empty_like(qkv)
-    _key_grads[(triton.cdiv(L, BN), B * heads)](
-        qkv, temperature, ends, begins, dout, lse, delta, dqkv, L, heads, NORM_EPS, BM=BM, BN=BN, D=D,
-        EMULATED=INTERPRETED, num_warps=warps, num_stages=stages)
-    tiles = triton.cdiv(L, BM)
-    dtemp = torch.empty(B, heads, tiles, dtype=torch.float32, device=qkv.device)
-    _query_grads[(tiles, B * heads)](
-        qkv, temperature, ends, dout, lse, delta, dqkv, dtemp, L, heads, NORM_EPS, BM=BM, BN=BN, D=D,
-        EMULATED=INTERPRETED, num_warps=warps, num_stages=stages)
-    return dqkv, dtemp.sum(dim=(0, 2))
+    key_grads(dqkv, dout, qkv, temperature, ends, begins, lse, delta, qk, heads)
+    return dqkv, query_grads(dqkv, dout, qkv, temperature, ends, lse, delta, qk, heads)
 
 
 @_bwd_op.register_fake
-def _(dout, qkv, temperature, ends, begins, out, lse, heads):
+def _(dout, qkv, temperature, ends, begins, out, lse, qk, heads):
     return torch.empty_like(qkv), temperature.new_empty(heads)
 
 
 def _setup(ctx, inputs, output):
-    qkv, temperature, ends, begins, heads = inputs
+    qkv, temperature, ends, begins, heads, _ = inputs
     ctx.heads = heads
     ctx.save_for_backward(qkv, temperature, ends, begins, *output)
 
 
-def _backward(ctx, dout, _dlse):
-    qkv, temperature, ends, begins, out, lse = ctx.saved_tensors
-    dqkv, dtemp = _bwd_op(dout, qkv, temperature, ends, begins, out, lse, ctx.heads)
-    return dqkv, dtemp, None, None, None
+def _backward(ctx, dout, _dlse, _dqk):
+    qkv, temperature, ends, begins, out, lse, qk = ctx.saved_tensors
+    dqkv, dtemp = _bwd_op(dout, qkv, temperature, ends, begins, out, lse, qk, ctx.heads)
+    return dqkv, dtemp, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -291,5 +378,5 @@ def fused_cos_attention(qkv: torch.Tensor, temperature: torch.Tensor, bounds: tu
         raise ValueError(f"fused attention needs a CUDA (B, L, 3C) float qkv with a power-of-two head size "
                          f">= 16; got {qkv.dtype} {tuple(qkv.shape)} on {qkv.device} with {heads} heads")
     ends, begins = bounds
-    out, _ = _fwd_op(qkv.contiguous(), temperature.float().contiguous(), ends, begins, heads)
+    out, _, _ = _fwd_op(qkv.contiguous(), temperature.float().contiguous(), ends, begins, heads, SAVE_QK)
     return out
