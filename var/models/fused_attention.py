@@ -34,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles (queries, keys), warps and pipeline stages per kernel: 64-token tiles follow the pyramid's ragged
-# block-causal edge (bench/results note 24). bench.attention_speed --fused-tiles tries others.
-TILES = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+# Tiles (queries, keys), warps and pipeline stages per kernel, the fastest of bench.attention_speed
+# --fused-kernels on an H100 (bench/results note 58): short inner loops' tiles (16 queries per step of the key
+# kernel, 32 keys of the query kernel) waste less at the pyramid's ragged block-causal edge.
+TILES = {"fwd": (64, 64, 4, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3)}
 # The forward saves the scaled q and unit k it used (B x L x 2C in the qkv dtype), so that the backward's
 # inner loops load them rather than normalise every tile again.
 SAVE_QK = True
