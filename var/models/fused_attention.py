@@ -4,21 +4,23 @@ qkv gradient in one forward and three backward kernels (``attn_impl=fused``, CUD
 What the blocks otherwise run around the attention kernels (attention.py, ``scalewise``): the q and k
 L2-normalisation and per-head temperature as their own pass over q and k, per-scale SDPA calls whose key
 gradients are partial sums to add up, the three gradients stacked back into the fused qkv projection's
-gradient, the normalisation's backward, and the output transposed for ``proj``. A d16 training step spends
+gradient, the normalisation's backward, and the output transposed for ``proj``. A d16 training step spent
 ~12 ms of 169 on that assembly and ~9 on the normalisation (bench/results, notes 23 and 27). Here (measured
-on an H100, bench/results note 54: attention with its normalisation 3.18 -> 2.30 ms per d16 block, forward and
-backward; d16 step 170.9 -> 162.5 ms, d20 302.5 -> 283.3 ms, 4-6 GiB less memory):
+on an H100, bench/results notes 54 and 58: attention with its normalisation 3.18 ms per d16 block, forward and
+backward, for scalewise, 1.70 ms here):
 
 - forward (``_attention_fwd``): one program per (image, head, 64 queries) reads the raw q and k rows
   straight out of the qkv projection's output (B, L, 3, H, c), normalises them in registers, and runs
   flash attention over the keys its queries may see: a token of scale s sees the keys of scales <= s, i.e.
-  the keys before the end of its own scale, so the mask is one comparison against ``ends`` (no -inf
-  matrix, and key tiles past the last query's end are never visited). The output goes out as (B, L, H, c),
-  which is ``proj``'s input without a copy.
+  the keys before the end of its own scale, so the mask is one comparison against ``ends``, made only on the
+  key tiles a scale's end cuts (no -inf matrix; key tiles past the last query's end are never visited). The
+  output goes out as (B, L, H, c), which is ``proj``'s input without a copy; the scaled q and unit k it used
+  are kept for the backward (``SAVE_QK``).
 - backward: ``_row_dots`` (dO . O per query row, the softmax backward's row term), ``_key_grads`` (one
-  program per 64 keys: loops over the queries that see them, so the key and value gradients come out whole)
-  and ``_query_grads`` (one per 64 queries), both writing the raw q, k and v gradients, normalisation's
-  backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's gradient as it is.
+  program per 64 keys: loops over the queries that see them, 16 at a time, so the key and value gradients
+  come out whole) and ``_query_grads`` (one per 64 queries, 32 keys at a time), both writing the raw q, k and
+  v gradients, normalisation's backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's
+  gradient as it is.
 
 It computes what the plain path computes: q and k normalised in fp32, scaled, rounded to the qkv dtype,
 softmax(q k^T) v with fp32 accumulation (the flash recurrence, as cuDNN's kernel). Gradients of q and k skip
