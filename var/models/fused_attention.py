@@ -132,8 +132,10 @@ def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, B
         k, _, _ = _unit_keys(qkv, b, h, rows, L, H, eps, D, EMULATED)
         tl.store(ptrs, k, mask=inside)
     q_end = tl.load(ends + rows, mask=rows < L, other=1)
-    whole = tl.load(ends + pid_m * BM) // BN * BN  # ends grow with the token: key tiles below this are
-    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)  # seen by every query of the tile
+    # Ends grow with the token: every query of the tile sees the key tiles below its first query's end whole,
+    # and none sees past its last query's end.
+    whole = tl.load(ends + pid_m * BM) // BN * BN
+    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
@@ -149,8 +151,7 @@ def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, B
 @triton.jit
 def _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN: tl.constexpr, D: tl.constexpr,
               EMULATED: tl.constexpr, MASKED: tl.constexpr):
-    """The flash recurrence over one key tile; the first tile is seen whole by every query, so m_i is
-    finite from then on."""
+    """The flash recurrence over one key tile. Every query sees key 0, so m_i is finite after the first tile."""
     cols = start + tl.arange(0, BN)
     k, _, _ = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
     s = _dot(q, tl.trans(k), EMULATED)
