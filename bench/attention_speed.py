@@ -91,7 +91,8 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
             "first_s": round(first, 1), **environment()}
 
 
-# (queries, keys, warps, stages) per kernel; the key kernel's queries and the others' keys are its inner loop.
+# (queries, keys, warps, stages) per kernel. The inner loop steps over the key kernel's queries and over the
+# other kernels' keys.
 TILE_CANDIDATES = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3),
             (32, 32, 4, 3), (64, 64, 2, 3), (32, 64, 2, 3), (16, 64, 4, 3)],
@@ -151,7 +152,8 @@ def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) 
 
 def set_fused_tiles(tiles: str | None) -> None:
     """fused_attention.TILES for the next case: the library's own, or a JSON override of some kernels."""
-    fused_attention.TILES = {**LIBRARY_TILES, **{k: tuple(v) for k, v in json.loads(tiles or "{}").items()}}
+    fused_attention.TILES = dict(LIBRARY_TILES)
+    set_attention_knobs(fused_tiles=json.loads(tiles or "{}"))
 
 
 def main() -> None:
@@ -166,7 +168,7 @@ def main() -> None:
                     help="dense, scalewise, flex, fused (fused only with --cos)")
     ap.add_argument("--cos", action="store_true", help="time the normalisation and output layout too (above)")
     ap.add_argument("--fused-tiles", nargs="+", default=None,
-                    help='JSON tiles for fused, one case each, e.g. \'{"fwd": [128, 64, 4, 3], "bwd": [64, 64, 4, 2]}\'')
+                    help='JSON tiles for fused, one case each, e.g. \'{"fwd": [128, 64, 4, 3], "dkdv": [16, 64, 4, 3]}\'')
     ap.add_argument("--fused-kernels", action="store_true", help="time fused's kernels one by one (above)")
     ap.add_argument("--candidates", default=None,
                     help='JSON tile candidates per kernel for --fused-kernels (default: TILE_CANDIDATES)')
