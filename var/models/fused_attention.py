@@ -121,6 +121,13 @@ def _scaled_queries(qkv, temp, b, h, idx, L, H, eps, D: tl.constexpr, EMULATED: 
 
 
 @triton.jit
+def _visible_keys(ends, pid_m, L, BM: tl.constexpr, BN: tl.constexpr):
+    """For query tile pid_m: the keys below ``whole`` (a multiple of BN) every query of the tile sees, and the
+    end of the keys any of them sees. Ends grow with the token: the first query's end and the last one's."""
+    return tl.load(ends + pid_m * BM) // BN * BN, tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
+
+
+@triton.jit
 def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
                    D: tl.constexpr, EMULATED: tl.constexpr, SAVE_QK: tl.constexpr):
     pid_m, bh, b, h, rows = _program_tile(H, BM)
@@ -132,10 +139,7 @@ def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, B
         k, _, _ = _unit_keys(qkv, b, h, rows, L, H, eps, D, EMULATED)
         tl.store(ptrs, k, mask=inside)
     q_end = tl.load(ends + rows, mask=rows < L, other=1)
-    # Ends grow with the token: every query of the tile sees the key tiles below its first query's end whole,
-    # and none sees past its last query's end.
-    whole = tl.load(ends + pid_m * BM) // BN * BN
-    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
+    whole, kv_end = _visible_keys(ends, pid_m, L, BM, BN)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
@@ -206,7 +210,8 @@ def _key_grads(qkv, temp, ends, begins, dout, lse, delta, qk, dqkv, L, H, eps, B
     v = _load_rows(qkv, 2, 3, b, h, cols, L, H, D)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    first = tl.load(begins + pid_n * BN) // BM * BM  # the first query that sees these keys: their scale's
+    # The first query that sees these keys is their scale's first token (rounded down to a query tile).
+    first = tl.load(begins + pid_n * BN) // BM * BM
     # Queries from the last key's scale on see every key of the tile; those before it, only some.
     whole = tl.cdiv(tl.load(begins + tl.minimum(pid_n * BN + BN, L) - 1), BM) * BM
     for start in range(first, whole, BM):
@@ -246,8 +251,7 @@ def _query_grads(qkv, temp, ends, dout, lse, delta, qk, dqkv, dtemp, L, H, eps, 
     q, q_unit, q_norm = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
     q_end, row_lse, row_delta = _row_stats(ends, lse, delta, b, h, rows, L, H)
     do = _load_rows(dout, 0, 1, b, h, rows, L, H, D)
-    whole = tl.load(ends + pid_m * BM) // BN * BN
-    kv_end = tl.load(ends + tl.minimum(pid_m * BM + BM, L) - 1)
+    whole, kv_end = _visible_keys(ends, pid_m, L, BM, BN)
     dq = tl.zeros([BM, D], tl.float32)
     for start in range(0, whole, BN):
         dq = _query_step(q, q_end, row_lse, row_delta, do, dq, start, qkv, temp, qk, b, h, L, H, eps, BN, D,
