@@ -31,7 +31,7 @@ def half(depth: int, batch: int, impl: str, reps: int) -> dict:
     fc1, fc2 = torch.nn.Linear(C, 4 * C).cuda(), torch.nn.Linear(4 * C, C).cuda()
     gelu = torch.nn.GELU(approximate="tanh")
     x = torch.randn(batch, TOKENS, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    mods = torch.randn(batch, 1, 3, C, device="cuda", requires_grad=True) * 0.1
+    mods = (torch.randn(batch, 1, 3, C, device="cuda") * 0.1).requires_grad_()
 
     @torch.compile(dynamic=False)
     def step(x, mods):
