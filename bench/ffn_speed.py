@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from bench.common import emit, environment, time_calls
 from var.models import cublaslt
+from var.models import fused_ffn as fused_ffn_module
 from var.models.fused_ffn import fused_ffn
 from var.models.zoo import VARConfig
 
@@ -26,6 +27,7 @@ TOKENS = 680  # the official 256 px pyramid
 
 
 def half(depth: int, batch: int, impl: str, reps: int) -> dict:
+    fused_ffn_module.DGELU_BIAS_GRAD = impl == "fused_bgrad"
     cfg = VARConfig(depth=depth)
     C = cfg.width
     fc1, fc2 = torch.nn.Linear(C, 4 * C).cuda(), torch.nn.Linear(4 * C, C).cuda()
@@ -37,7 +39,7 @@ def half(depth: int, batch: int, impl: str, reps: int) -> dict:
     def step(x, mods):
         gamma, scale, shift = mods.unbind(2)
         h = F.layer_norm(x, (C,), eps=1e-6) * (1 + scale) + shift
-        y = fused_ffn(h, fc1, fc2) if impl == "fused" else fc2(gelu(fc1(h)))
+        y = fc2(gelu(fc1(h))) if impl == "plain" else fused_ffn(h, fc1, fc2)
         return x + (y * gamma).to(x.dtype)
 
     grad = torch.randn_like(x)
@@ -67,14 +69,16 @@ def gemms(depth: int, batch: int, reps: int) -> list[dict]:
     g_pre_ref = torch.ops.aten.gelu_backward(g_act.float(), torch.addmm(b1.float(), x.float(), w1.float().t()),
                                              approximate="tanh")
     act, pre_lt = cublaslt.linear_gelu_aux(x, w1, b1)
-    g_pre, g_b1 = cublaslt.matmul_dgelu_bgrad(g, w2, pre)
+    g_pre, g_b1 = cublaslt.matmul_dgelu(g, w2, pre)
     cases = {
         "fc1_gelu_torch": lambda: F.gelu(torch.addmm(b1, x, w1.t()), approximate="tanh"),
         "fc1_gelu_aux_cublaslt": lambda: cublaslt.linear_gelu_aux(x, w1, b1),
         "fc1_plain_gemm": lambda: torch.addmm(b1, x, w1.t()),
         "dgelu_torch": lambda: torch.ops.aten.gelu_backward(g @ w2, pre, approximate="tanh").sum(0),
-        "dgelu_bgrad_cublaslt": lambda: cublaslt.matmul_dgelu_bgrad(g, w2, pre),
+        "dgelu_bgrad_cublaslt": lambda: cublaslt.matmul_dgelu(g, w2, pre),
+        "dgelu_cublaslt_then_sum": lambda: cublaslt.matmul_dgelu(g, w2, pre, bias_grad=False)[0].sum(0),
         "dgrad_plain_gemm": lambda: g @ w2,
+        "wgrad_plain_gemm": lambda: g_pre.t() @ x,
     }
     rows = []
     for name, fn in cases.items():
@@ -86,6 +90,11 @@ def gemms(depth: int, batch: int, reps: int) -> list[dict]:
     rows[4]["max_err_grad_pre"] = (g_pre.float() - g_pre_ref).abs().max().item()
     rows[4]["max_err_bias_grad"] = (g_b1.float() - g_pre_ref.sum(0)).abs().max().item()
     rows[4]["scale_grad_pre"] = g_pre_ref.abs().max().item()
+    g_pre_torch = torch.ops.aten.gelu_backward(g_act, pre, approximate="tanh")  # autocast's, for comparison
+    rows[3]["max_err_grad_pre"] = (g_pre_torch.float() - g_pre_ref).abs().max().item()
+    rows[3]["max_err_bias_grad"] = (g_pre_torch.sum(0).float() - g_pre_ref.sum(0)).abs().max().item()
+    rows[0]["max_err_act"] = (act_ref.float() - F.gelu(torch.addmm(b1.float(), x.float(), w1.float().t()),
+                                                       approximate="tanh")).abs().max().item()
     return rows
 
 
@@ -93,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[16, 20])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--impls", nargs="+", default=["plain", "fused"])
+    ap.add_argument("--impls", nargs="+", default=["plain", "fused", "fused_bgrad"],
+                    help="fused_bgrad: fused with fc1's bias gradient from the GEMM epilogue")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-gemms", action="store_true")
     ap.add_argument("--out", default=None)

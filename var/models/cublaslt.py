@@ -2,7 +2,7 @@
 
 - ``linear_gelu_aux(x, w, b)``: act = gelu_tanh(x @ w^T + b) from the fp32 accumulator, and the pre-activation
   written beside it (epilogue GELU_AUX_BIAS) for the backward: no GELU pass reading the pre-activation back.
-- ``matmul_dgelu_bgrad(g, w, pre)``: (g @ w) * gelu_tanh'(pre) and its column sums (epilogue DGELU_BGRAD): fc2's
+- ``matmul_dgelu(g, w, pre)``: (g @ w) * gelu_tanh'(pre), and its column sums (epilogue DGELU[_BGRAD]): fc2's
   input gradient with GELU's derivative applied, and fc1's bias gradient, in fc2's backward GEMM.
 
 This is what the GEMMs of a training step run (bench/results note 61); autocast's path writes the
@@ -23,10 +23,11 @@ import torch
 _DTYPES = {torch.bfloat16: 14, torch.float16: 2}  # CUDA_R_16BF, CUDA_R_16F
 _R32F, _COMPUTE_32F = 0, 68
 _OP_N, _OP_T = 0, 1
-_GELU_AUX_BIAS, _DGELU_BGRAD = 164, 208
+_GELU_AUX_BIAS, _DGELU, _DGELU_BGRAD = 164, 192, 208
 _TRANSA, _TRANSB, _EPILOGUE, _BIAS_POINTER, _AUX_POINTER, _AUX_LD = 3, 4, 7, 8, 11, 12
 _PREF_MAX_WORKSPACE = 1
 WORKSPACE_BYTES = 32 << 20  # what cuBLAS recommends on Hopper
+CANDIDATES = 8  # algorithms of the heuristic timed once per GEMM shape
 
 
 class _Heuristic(ctypes.Structure):
@@ -50,6 +51,7 @@ def _library() -> ctypes.CDLL:
         raise RuntimeError("cuBLASLt: no libcublasLt shared library is loaded or loadable")
     for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
                "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate", "cublasLtMatmulPreferenceSetAttribute",
+               "cublasLtMatmulPreferenceDestroy",
                "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul"):
         getattr(lib, fn).restype = ctypes.c_int
     lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
@@ -89,54 +91,68 @@ class _Plan:
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols, ld), "MatrixLayoutCreate")
         self.dtype, self.epilogue = dtype, epilogue
 
-    def choose(self, ptrs: dict) -> None:
-        """Pick the heuristic's first algorithm for the first call's pointers (it reads their alignment: plans are
-        made per alignment, see ``_alignment``)."""
+    def choose(self, ptrs: dict, stream: int) -> None:
+        """The fastest of the heuristic's first ``CANDIDATES`` algorithms on the first call's operands (timed
+        with CUDA events; the heuristic's first choice can be far off for these epilogues, bench/results note
+        61). The heuristic reads the pointers' alignment: plans are made per alignment (``_alignment``)."""
         lib = _library()
         self.bind(ptrs)
         pref = ctypes.c_void_p()
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
         _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(WORKSPACE_BYTES))
-        self.result, found = _Heuristic(), ctypes.c_int(0)
+        results, found = (_Heuristic * CANDIDATES)(), ctypes.c_int(0)
         a, b, d = self.layouts
-        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, a, b, d, d, pref, 1,
-                                                  ctypes.byref(self.result), ctypes.byref(found)), "AlgoGetHeuristic")
-        if found.value < 1 or self.result.state != 0:
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, a, b, d, d, pref, CANDIDATES, results,
+                                                  ctypes.byref(found)), "AlgoGetHeuristic")
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+        algos = [r.algo for r in results[: found.value] if r.state == 0]
+        if not algos:
             raise RuntimeError(f"cuBLASLt found no algorithm for epilogue {self.epilogue}")
+        self.timings = [self._time(ptrs, algo, stream) for algo in algos] if len(algos) > 1 else [0.0]
+        self.algo = algos[min(range(len(algos)), key=self.timings.__getitem__)]
+
+    def _time(self, ptrs: dict, algo, stream: int, reps: int = 5) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._launch(ptrs, algo, stream)
+        start.record()
+        for _ in range(reps):
+            self._launch(ptrs, algo, stream)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
 
     def bind(self, ptrs: dict) -> None:
         lib = _library()
         _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _BIAS_POINTER, ctypes.c_void_p(ptrs["bias"]))
         _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _AUX_POINTER, ctypes.c_void_p(ptrs["aux"]))
 
-    def run(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, bias: torch.Tensor, aux: torch.Tensor) -> None:
-        ptrs = _pointers(a, b, d, bias, aux)
+    def _launch(self, ptrs: dict, algo, stream: int) -> None:
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        la, lb, ld = self.layouts
+        _check(_library().cublasLtMatmul(
+            self.handle, self.desc, ctypes.byref(one), ctypes.c_void_p(ptrs["a"]), la, ctypes.c_void_p(ptrs["b"]),
+            lb, ctypes.byref(zero), ctypes.c_void_p(ptrs["d"]), ld, ctypes.c_void_p(ptrs["d"]), ld,
+            ctypes.byref(algo), ctypes.c_void_p(ptrs["workspace"]), WORKSPACE_BYTES, ctypes.c_void_p(stream)), "Matmul")
+
+    def run(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None,
+            aux: torch.Tensor) -> None:
+        ptrs = {"a": a.data_ptr(), "b": b.data_ptr(), "d": d.data_ptr(), "aux": aux.data_ptr(),
+                "bias": 0 if bias is None else bias.data_ptr(), "workspace": _workspace(d.device).data_ptr()}
+        stream = torch.cuda.current_stream(d.device).cuda_stream
         with _LOCK:
-            if not hasattr(self, "result"):
-                self.choose(ptrs)
+            if not hasattr(self, "algo"):
+                self.choose(ptrs, stream)
             self.bind(ptrs)
-            one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-            la, lb, ld = self.layouts
-            workspace = _workspace(d.device)
-            stream = torch.cuda.current_stream(d.device).cuda_stream
-            _check(_library().cublasLtMatmul(
-                self.handle, self.desc, ctypes.byref(one), ctypes.c_void_p(ptrs["a"]), la, ctypes.c_void_p(ptrs["b"]),
-                lb, ctypes.byref(zero), ctypes.c_void_p(ptrs["d"]), ld, ctypes.c_void_p(ptrs["d"]), ld,
-                ctypes.byref(self.result.algo), ctypes.c_void_p(workspace.data_ptr()), WORKSPACE_BYTES,
-                ctypes.c_void_p(stream)), "Matmul")
+            self._launch(ptrs, self.algo, stream)
 
 
 _LOCK = threading.Lock()
 
 
-def _pointers(a, b, d, bias, aux) -> dict:
-    return {"a": a.data_ptr(), "b": b.data_ptr(), "d": d.data_ptr(), "bias": bias.data_ptr(), "aux": aux.data_ptr()}
-
-
 def _alignment(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 256 dividing every tensor's address: an algorithm chosen for aligned
     operands may not run on less aligned ones (views at an offset), so plans are cached per alignment."""
-    address = functools.reduce(lambda acc, t: acc | t.data_ptr(), tensors, 256)
+    address = functools.reduce(lambda acc, t: acc | (0 if t is None else t.data_ptr()), tensors, 256)
     return address & -address
 
 
@@ -175,11 +191,14 @@ def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[
     return act, pre
 
 
-def matmul_dgelu_bgrad(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g (M, K), w (K, N), pre (M, N) -> ((g w) * gelu_tanh'(pre), its sum over the M rows), in g's dtype."""
+def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, bias_grad: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """g (M, K), w (K, N), pre (M, N) -> ((g w) * gelu_tanh'(pre), its sum over the M rows or None), in g's
+    dtype."""
     (rows, k), n = g.shape, w.shape[1]
-    grad, bias_grad = g.new_empty(rows, n), g.new_empty(n)
+    grad, bias = g.new_empty(rows, n), (g.new_empty(n) if bias_grad else None)
     # Column-major: grad^T (n x rows) = w^T g^T, w stored n x k, g stored k x rows.
-    _plan(g.device.index, g.dtype, _DGELU_BGRAD, _OP_N, n, rows, k, n, k, _alignment(w, g, grad, bias_grad, pre)).run(
-        w, g, grad, bias_grad, pre)
-    return grad, bias_grad
+    epilogue = _DGELU_BGRAD if bias_grad else _DGELU
+    _plan(g.device.index, g.dtype, epilogue, _OP_N, n, rows, k, n, k, _alignment(w, g, grad, bias, pre)).run(
+        w, g, grad, bias, pre)
+    return grad, bias

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 from var.models import cublaslt
 
+# fc1's bias gradient from the input-gradient GEMM's epilogue (DGELU_BGRAD) instead of a sum over the rows
+# afterwards: bench.ffn_speed times both.
+DGELU_BIAS_GRAD = False
+
 
 @torch.library.custom_op("var::ffn_gelu", mutates_args=())
 def _forward(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
@@ -45,9 +49,10 @@ def _pre_activation_grad(grad: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """fc2's output gradient (M, C') -> (the pre-activation's gradient (M, N), fc1's bias gradient (N))."""
     if cublaslt.supported(grad, w2, pre):
-        return cublaslt.matmul_dgelu_bgrad(grad, w2, pre)
-    g_pre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
-    return g_pre, g_pre.sum(0)
+        g_pre, g_bias = cublaslt.matmul_dgelu(grad, w2, pre, bias_grad=DGELU_BIAS_GRAD)
+    else:
+        g_pre, g_bias = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh"), None
+    return g_pre, g_pre.sum(0) if g_bias is None else g_bias
 
 
 @_pre_activation_grad.register_fake
