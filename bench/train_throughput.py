@@ -15,7 +15,8 @@ again with activation checkpointing on every 2nd, then every block (``--ac K`` s
 Variants: plain (dense masked SDPA, eager, full logits); fast (what ``speed=fast`` sets: the cosine attention
 as Triton kernels, ``attn_impl=fused``, compiled blocks, the head's cross-entropy in token chunks with each
 chunk's softmax and gradient compiled); fast_bf16res (the same with the residual stream in bf16 between the
-blocks, as the official code carries it); the ablations of one lever each: fast_scalewise[_bf16res] (per-scale
+blocks, as the official code carries it); fast_ffn[_bf16res] (with ``ffn_impl=fused``: GELU and its derivative
+in the feed-forward GEMMs' epilogues); the ablations of one lever each: fast_scalewise[_bf16res] (per-scale
 flash attention instead of the fused kernels, and the chunks uncompiled: ``speed=fast`` before 2026-12-07),
 fast_eager_ce_chunks[_bf16res] (the chunks uncompiled), fast_flex[_bf16res] (FlexAttention), fast_autotune
 (compiled with max-autotune: Triton GEMM templates with fused epilogues where they beat cuBLAS); and flex_only,
@@ -56,6 +57,7 @@ class Variant(NamedTuple):
     compile_mode: str | None = None
     residual_dtype: str = "param"
     compile_head_ce: bool = False
+    ffn_impl: str = "plain"
 
 
 BF16 = "autocast"  # residual_dtype of the _bf16res variants
@@ -63,6 +65,8 @@ VARIANTS = {
     "plain": Variant("sdpa", False, False),
     "fast": Variant("fused", True, True, compile_head_ce=True),
     "fast_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True),
+    "fast_ffn": Variant("fused", True, True, compile_head_ce=True, ffn_impl="fused"),
+    "fast_ffn_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True, ffn_impl="fused"),
     "fast_scalewise": Variant("scalewise", True, True),
     "fast_scalewise_bf16res": Variant("scalewise", True, True, residual_dtype=BF16),
     "fast_eager_ce_chunks": Variant("fused", True, True),
@@ -82,7 +86,7 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     ``data_seed`` draws the random tokens (one per rank there)."""
     v = VARIANTS[variant]
     device = torch.device(device)
-    cfg = var_config(depth, v.attn_impl, v.residual_dtype)
+    cfg = var_config(depth, v.attn_impl, v.residual_dtype, v.ffn_impl)
     quantizer = official_vqvae(device).quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},

@@ -20,6 +20,7 @@ FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/m
 # checkpointing, and a step of a training-size batch is not launch-bound.
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("param", "autocast")  # var/models/transformer.py
+FFN_IMPLS = ("plain", "fused")  # var/models/transformer.py
 
 
 def validate_task(cfg: DictConfig) -> None:
@@ -88,6 +89,7 @@ def validate_train(cfg: DictConfig) -> None:
     _choice(cfg, t + "speed.compile_mode", COMPILE_MODES)
     _validate_model_fits_tokenizer(cfg)
     _choice(cfg, "model.residual_dtype", RESIDUAL_DTYPES)
+    _choice(cfg, "model.ffn_impl", FFN_IMPLS)
     impl = OmegaConf.select(cfg, "model.attn_impl")
     if impl is not None:
         from var.models.attention import ATTENTION_IMPLS  # the one list of kernels; imports torch

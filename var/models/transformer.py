@@ -34,9 +34,11 @@ from torch.utils.checkpoint import checkpoint
 
 from var.models.attention import SelfAttention, attention_mask, block_causal_bias, scale_ids
 from var.models.fused_cross_entropy import linear_cross_entropy
+from var.models.fused_ffn import fused_ffn
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 RESIDUAL_DTYPES = ("param", "autocast")  # the residual stream under autocast: fp32 parameters' dtype | bf16
+FFN_IMPLS = ("plain", "fused")  # fused: fc1 + GELU and GELU's derivative in cuBLASLt GEMM epilogues (fused_ffn.py)
 
 
 def _no_autocast(device: torch.device):
@@ -91,8 +93,11 @@ def linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 class FFN(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, impl: str = "plain"):
         super().__init__()
+        if impl not in FFN_IMPLS:
+            raise ValueError(f"ffn_impl={impl!r}: expected one of {', '.join(FFN_IMPLS)}")
+        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
@@ -103,6 +108,8 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu_epilogue_dtype is not None and x.is_cuda and not torch.is_grad_enabled():
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu_epilogue_dtype))
+        if self.impl == "fused":
+            return fused_ffn(x, self.fc1, self.fc2)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -117,11 +124,11 @@ class AdaLNSelfAttn(nn.Module):
     """Transformer block whose LayerNorms are modulated by the class condition."""
 
     def __init__(self, embed_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                 norm_eps: float, shared_aln: bool, cos_attn: bool, attn_impl: str):
+                 norm_eps: float, shared_aln: bool, cos_attn: bool, attn_impl: str, ffn_impl: str = "plain"):
         super().__init__()
         self.C = embed_dim
         self.attn = SelfAttention(embed_dim, num_heads, cos_attn=cos_attn, attn_impl=attn_impl)
-        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio))
+        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), ffn_impl)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.shared_aln = shared_aln
@@ -174,7 +181,8 @@ class VAR(nn.Module):
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  shared_aln: bool = False, cos_attn: bool = True, cond_drop_rate: float = 0.1,
                  attn_impl: str = "sdpa", init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
-                 init_head: float = 0.02, init_std: float = -1.0, residual_dtype: str = "param"):
+                 init_head: float = 0.02, init_std: float = -1.0, residual_dtype: str = "param",
+                 ffn_impl: str = "plain"):
         super().__init__()
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype={residual_dtype!r}: expected one of {', '.join(RESIDUAL_DTYPES)}")
@@ -202,7 +210,7 @@ class VAR(nn.Module):
         # Drop path grows linearly with block index from 0 to drop_path_rate (python floats: meta-safe).
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList([
-            AdaLNSelfAttn(C, C, num_heads, mlp_ratio, dpr[i], norm_eps, shared_aln, cos_attn, attn_impl)
+            AdaLNSelfAttn(C, C, num_heads, mlp_ratio, dpr[i], norm_eps, shared_aln, cos_attn, attn_impl, ffn_impl)
             for i in range(depth)
         ])
         self.drop_path_rate = drop_path_rate
