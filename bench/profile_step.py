@@ -21,10 +21,13 @@ from bench.common import set_attention_knobs
 # Kernel families, first match wins: Triton first (Inductor names its kernels after the ops they fuse, e.g.
 # "convolution" or "scaled_dot_product"), then attention and convolution before the GEMM patterns, since
 # cuDNN's SDPA and implicit-GEMM convolution kernels carry "sm90" and "xmma" in their names too.
-FAMILIES = [("triton", r"^triton"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq"),
+FAMILIES = [("triton", r"^triton"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq|^_key_grads|^_query_grads|^_row_dots"),
             ("conv", r"conv|implicit|winograd|nchwToNhwc"), ("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"),
             ("sort/topk", r"sort|topk|radix|select"), ("optimizer", r"adam|multi_tensor|foreach"), ("norm", r"norm"),
             ("copy/cast", r"copy|cast|convert"), ("reduce", r"reduce"), ("elementwise", r"elementwise|vectorized")]
+
+
+ANNOTATION = re.compile(r"Optimizer\.|ProfilerStep#")
 
 
 def family(kernel: str) -> str:
@@ -62,8 +65,10 @@ def main() -> None:
         for _ in range(a.iters):
             fn()
         torch.cuda.synchronize()
-    # Kernels only: the ops and Triton launch ranges that enclose them report the same device time again.
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
+    # Kernels only: the ops and Triton launch ranges that enclose them report the same device time again, and so
+    # do user annotations on the device's timeline (the optimizer's "Optimizer.step#AdamW.step").
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA
+              and not ANNOTATION.match(e.key)]
     total = sum(e.self_device_time_total for e in events)
     fam = defaultdict(float)
     for e in events:
