@@ -27,7 +27,8 @@ TOKENS = 680  # the official 256 px pyramid
 
 
 def half(depth: int, batch: int, impl: str, reps: int) -> dict:
-    fused_ffn_module.DGELU_BIAS_GRAD = impl == "fused_bgrad"
+    fused_ffn_module.BACKWARD_WAY = {"fused": None, "fused_plain_backward": "torch",
+                                     "fused_epilogue_bias": "epilogue_bias", "fused_epilogue": "epilogue"}.get(impl)
     cfg = VARConfig(depth=depth)
     C = cfg.width
     fc1, fc2 = torch.nn.Linear(C, 4 * C).cuda(), torch.nn.Linear(4 * C, C).cuda()
@@ -52,7 +53,8 @@ def half(depth: int, batch: int, impl: str, reps: int) -> dict:
 
     first_s, ms, _ = time_calls(once, reps)
     flops = 6 * 2 * C * 4 * C * batch * TOKENS  # two GEMMs, forward and backward
-    return {"bench": "ffn_half", "depth": depth, "batch": batch, "ffn_impl": impl, "ms": round(ms, 4),
+    return {"bench": "ffn_half", "depth": depth, "batch": batch, "ffn_impl": impl,
+            "backward_ways": fused_ffn_module.chosen_ways(), "ms": round(ms, 4),
             "ms_per_depth": round(ms * depth, 2), "gemm_tflops": round(flops / ms / 1e9, 1),
             "first_s": round(first_s, 1), "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
@@ -102,8 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[16, 20])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--impls", nargs="+", default=["plain", "fused", "fused_bgrad"],
-                    help="fused_bgrad: fused with fc1's bias gradient from the GEMM epilogue")
+    ap.add_argument("--impls", nargs="+", default=["plain", "fused", "fused_epilogue_bias", "fused_epilogue",
+                                                   "fused_plain_backward"],
+                    help="fused: the backward way timed per shape; fused_<way>: that way (fused_ffn.BACKWARD_WAYS)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-gemms", action="store_true")
     ap.add_argument("--out", default=None)

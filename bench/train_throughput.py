@@ -45,6 +45,7 @@ from bench.common import (
     var_config,
 )
 from var.lit.var_module import VARTrainingModule
+from var.models import fused_ffn
 from var.models.flops import flops_per_image, param_counts
 from var.models.peak_flops import peak_flops
 from var.models.transformer import param_groups
@@ -141,6 +142,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
         **({"flex_options": attention.FLEX_KERNEL_OPTIONS, "flex_block": attention.FLEX_BLOCK_SIZE}
            if VARIANTS[variant].attn_impl == "flex" else {}),
         **({"fused_tiles": fused_tiles_used()} if VARIANTS[variant].attn_impl == "fused" else {}),
+        **({"ffn_backward_ways": fused_ffn.chosen_ways()} if VARIANTS[variant].ffn_impl == "fused" else {}),
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
         "tflops": round(img_s * flops_img / 1e12, 1), "mfu_vs_measured": round(img_s * flops_img / ceiling, 4),

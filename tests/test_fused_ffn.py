@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads
 from tests.test_transformer_model import inputs, tiny
-from var.models import cublaslt
+from var.models import cublaslt, fused_ffn
 from var.models.transformer import FFN
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -103,6 +103,20 @@ def test_cublaslt_epilogues_against_fp32_on_gpu(rows, offset, bias_grad):
         torch.testing.assert_close(g_bias.float(), g_pre_ref.sum(0), rtol=2e-2, atol=2e-2 * rows**0.5)
     else:
         assert g_bias is None
+
+
+@CUDA
+def test_backward_ways_agree_and_the_fastest_is_kept_on_gpu():
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    g, w2, pre = torch.randn(1360, 64, **bf), torch.randn(64, 256, **bf) / 16, torch.randn(1360, 256, **bf)
+    results = {way: fused_ffn._input_grad(way, g, w2, pre) for way in fused_ffn.BACKWARD_WAYS}
+    ref_pre, ref_bias = (t.float() for t in results["torch"])
+    for way, (g_pre, g_bias) in results.items():
+        torch.testing.assert_close(g_pre.float(), ref_pre, rtol=2e-2, atol=2e-2, msg=way)
+        torch.testing.assert_close(g_bias.float(), ref_bias, rtol=2e-2, atol=0.5, msg=way)
+    assert fused_ffn._fastest_way(g, w2, pre) in fused_ffn.BACKWARD_WAYS
+    assert fused_ffn.chosen_ways()["1360x256"] in fused_ffn.BACKWARD_WAYS
 
 
 @CUDA

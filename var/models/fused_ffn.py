@@ -1,4 +1,5 @@
-"""The feed-forward fc2(gelu_tanh(fc1(h))) with GELU and its derivative inside the GEMMs (``ffn_impl=fused``).
+"""The feed-forward fc2(gelu_tanh(fc1(h))) with GELU and its derivative inside the GEMMs (``ffn_impl=fused``,
+used by the blocks where grad is enabled: training; evaluation and sampling keep their own paths).
 
 Autocast runs fc1, a GELU pass (reading the pre-activation, writing the activation), fc2; its backward a GELU
 pass more (reading the pre-activation and the activation's gradient, writing the pre-activation's). Here, on
@@ -21,9 +22,14 @@ import torch.nn.functional as F
 
 from var.models import cublaslt
 
-# fc1's bias gradient from the input-gradient GEMM's epilogue (DGELU_BGRAD) instead of a sum over the rows
-# afterwards: bench.ffn_speed times both.
-DGELU_BIAS_GRAD = False
+# fc2's input gradient with GELU's derivative, three ways: the epilogue with fc1's bias gradient (DGELU_BGRAD),
+# the epilogue and then a sum over the rows (DGELU), or torch's GEMM, GELU-backward pass and sum. The
+# heuristic's algorithm for the first ran 2x slower than torch's three kernels on an H100 (bench/results note
+# 62), so each shape times the three once on its first backward and keeps the fastest (as cudnn.benchmark
+# does); BACKWARD_WAY fixes one instead (bench.ffn_speed).
+BACKWARD_WAYS = ("epilogue_bias", "epilogue", "torch")
+BACKWARD_WAY: str | None = None
+_chosen: dict[tuple, str] = {}
 
 
 @torch.library.custom_op("var::ffn_gelu", mutates_args=())
@@ -48,16 +54,43 @@ def _(h, w1, b1, w2, b2):
 def _pre_activation_grad(grad: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """fc2's output gradient (M, C') -> (the pre-activation's gradient (M, N), fc1's bias gradient (N))."""
-    if cublaslt.supported(grad, w2, pre):
-        g_pre, g_bias = cublaslt.matmul_dgelu(grad, w2, pre, bias_grad=DGELU_BIAS_GRAD)
-    else:
-        g_pre, g_bias = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh"), None
-    return g_pre, g_pre.sum(0) if g_bias is None else g_bias
+    way = (BACKWARD_WAY or _fastest_way(grad, w2, pre)) if cublaslt.supported(grad, w2, pre) else "torch"
+    return _input_grad(way, grad, w2, pre)
 
 
 @_pre_activation_grad.register_fake
 def _(grad, w2, pre):
     return torch.empty_like(pre), pre.new_empty(pre.shape[1])
+
+
+def _input_grad(way: str, grad: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor):
+    if way == "torch":
+        g_pre, g_bias = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh"), None
+    else:
+        g_pre, g_bias = cublaslt.matmul_dgelu(grad, w2, pre, bias_grad=way == "epilogue_bias")
+    return g_pre, g_pre.sum(0) if g_bias is None else g_bias
+
+
+def _fastest_way(grad: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, reps: int = 3) -> str:
+    key = (tuple(grad.shape), tuple(w2.shape), grad.dtype, grad.device)
+    if key not in _chosen:
+        times = {}
+        for way in BACKWARD_WAYS:
+            _input_grad(way, grad, w2, pre)  # warm-up; the epilogue's plans pick their algorithm here
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                _input_grad(way, grad, w2, pre)
+            end.record()
+            end.synchronize()
+            times[way] = start.elapsed_time(end) / reps
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def chosen_ways() -> dict[str, str]:
+    """The backward way each (rows, width) shape chose so far, for benchmark records."""
+    return {f"{k[0][0]}x{k[1][1]}": way for k, way in _chosen.items()}
 
 
 def _setup(ctx, inputs, output):

@@ -102,13 +102,14 @@ class FFN(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
         # Set (to the autocast dtype) by graphed sampling while it runs: fc1 and GELU as one GEMM on CUDA
-        # without grad. None everywhere else, so training and the test loss round as autocast does.
+        # without grad. None everywhere else, so the test loss rounds as autocast does (training too, unless
+        # impl is "fused": fused_ffn.py, with grad only).
         self.gelu_epilogue_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu_epilogue_dtype is not None and x.is_cuda and not torch.is_grad_enabled():
             return self.fc2(linear_tanh_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu_epilogue_dtype))
-        if self.impl == "fused":
+        if self.impl == "fused" and torch.is_grad_enabled():  # training; evaluation and sampling round as before
             return fused_ffn(x, self.fc1, self.fc2)
         return self.fc2(self.act(self.fc1(x)))
 
