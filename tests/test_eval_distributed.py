@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,6 +49,9 @@ def worker(rank, world, init, data_root, out):
     finally:
         dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
+    # Gloo's worker threads can abort the interpreter's finalisation once everything is done ("terminate called
+    # without an active exception", SIGABRT; 1 run in 7 here): the results are written, so leave without it.
+    os._exit(0)
 
 
 def test_two_ranks_match_one(tmp_path):
