@@ -24,9 +24,10 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 OFFICIAL = dict(num_classes=1000, vocab_size=4096, cvae=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
 
 
-def var_config(depth: int, attn_impl: str = "sdpa", residual_dtype: str = "param", ffn_impl: str = "plain"
-               ) -> VARConfig:
-    return VARConfig(depth=depth, attn_impl=attn_impl, residual_dtype=residual_dtype, ffn_impl=ffn_impl, **OFFICIAL)
+def var_config(depth: int, attn_impl: str = "sdpa", residual_dtype: str = "param", ffn_impl: str = "plain",
+               adaln_impl: str = "plain") -> VARConfig:
+    return VARConfig(depth=depth, attn_impl=attn_impl, residual_dtype=residual_dtype, ffn_impl=ffn_impl,
+                     adaln_impl=adaln_impl, **OFFICIAL)
 
 
 def official_vqvae(device) -> VQVAE:

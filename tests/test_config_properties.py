@@ -109,6 +109,8 @@ INVALID = [
         lambda v: {"model.residual_dtype": v})),
     ("model.ffn_impl", words.filter(lambda w: w not in config_checks.FFN_IMPLS).map(
         lambda v: {"model.ffn_impl": v})),
+    ("model.adaln_impl", words.filter(lambda w: w not in config_checks.ADALN_IMPLS).map(
+        lambda v: {"model.adaln_impl": v})),
     ("trainer.precision", words.filter(lambda w: w not in PRECISIONS).map(lambda v: {"trainer.precision": v})),
     ("trainer.parallelism.kind", words.filter(lambda w: w not in ("none", "ddp", "fsdp")).map(
         lambda v: {"trainer.parallelism.kind": v})),
@@ -160,6 +162,7 @@ def valid_values(draw):
         "task.speed.compile_mode": draw(st.sampled_from(config_checks.COMPILE_MODES)),
         "model.residual_dtype": draw(st.sampled_from(config_checks.RESIDUAL_DTYPES)),
         "model.ffn_impl": draw(st.sampled_from(config_checks.FFN_IMPLS)),
+        "model.adaln_impl": draw(st.sampled_from(config_checks.ADALN_IMPLS)),
         "task.schedule.cooldown_fraction": draw(st.floats(1e-3, 1.0)),
         "task.schedule.warmup_fraction": draw(st.floats(0, 0.99)),
         "task.progressive.fraction": draw(st.floats(0, 1)),
@@ -266,9 +269,10 @@ def test_validated_names_match_the_code():
         lr_factor(50, 100, "warmup_cosine")
     import torch._inductor
 
-    from var.models.transformer import FFN_IMPLS, RESIDUAL_DTYPES
+    from var.models.transformer import ADALN_IMPLS, FFN_IMPLS, RESIDUAL_DTYPES
 
     assert config_checks.RESIDUAL_DTYPES == RESIDUAL_DTYPES
     assert config_checks.FFN_IMPLS == FFN_IMPLS
+    assert config_checks.ADALN_IMPLS == ADALN_IMPLS
     modes = set(torch._inductor.list_mode_options())
     assert {m for m in config_checks.COMPILE_MODES if m} <= modes

@@ -21,6 +21,7 @@ FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/m
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("param", "autocast")  # var/models/transformer.py
 FFN_IMPLS = ("plain", "fused")  # var/models/transformer.py
+ADALN_IMPLS = ("plain", "fused")  # var/models/transformer.py
 
 
 def validate_task(cfg: DictConfig) -> None:
@@ -90,6 +91,7 @@ def validate_train(cfg: DictConfig) -> None:
     _validate_model_fits_tokenizer(cfg)
     _choice(cfg, "model.residual_dtype", RESIDUAL_DTYPES)
     _choice(cfg, "model.ffn_impl", FFN_IMPLS)
+    _choice(cfg, "model.adaln_impl", ADALN_IMPLS)
     impl = OmegaConf.select(cfg, "model.attn_impl")
     if impl is not None:
         from var.models.attention import ATTENTION_IMPLS  # the one list of kernels; imports torch

@@ -36,9 +36,15 @@ from var.models.attention import SelfAttention, attention_mask, block_causal_bia
 from var.models.fused_cross_entropy import linear_cross_entropy
 from var.models.fused_ffn import fused_ffn
 
+try:  # Triton: the fused AdaLN kernels (adaln_impl=fused)
+    from var.models import fused_adaln
+except ImportError:
+    fused_adaln = None
+
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 RESIDUAL_DTYPES = ("param", "autocast")  # the residual stream under autocast: fp32 parameters' dtype | bf16
 FFN_IMPLS = ("plain", "fused")  # fused: fc1 + GELU and GELU's derivative in cuBLASLt GEMM epilogues (fused_ffn.py)
+ADALN_IMPLS = ("plain", "fused")  # fused: residual add + LayerNorm + modulation as Triton kernels (fused_adaln.py)
 
 
 def _no_autocast(device: torch.device):
@@ -125,9 +131,12 @@ class AdaLNSelfAttn(nn.Module):
     """Transformer block whose LayerNorms are modulated by the class condition."""
 
     def __init__(self, embed_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                 norm_eps: float, shared_aln: bool, cos_attn: bool, attn_impl: str, ffn_impl: str = "plain"):
+                 norm_eps: float, shared_aln: bool, cos_attn: bool, attn_impl: str, ffn_impl: str = "plain",
+                 adaln_impl: str = "plain"):
         super().__init__()
-        self.C = embed_dim
+        if adaln_impl not in ADALN_IMPLS:
+            raise ValueError(f"adaln_impl={adaln_impl!r}: expected one of {', '.join(ADALN_IMPLS)}")
+        self.C, self.adaln_impl = embed_dim, adaln_impl
         self.attn = SelfAttention(embed_dim, num_heads, cos_attn=cos_attn, attn_impl=attn_impl)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), ffn_impl)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
@@ -151,9 +160,22 @@ class AdaLNSelfAttn(nn.Module):
         else:
             mods = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
+        if (self.adaln_impl == "fused" and torch.is_grad_enabled() and fused_adaln is not None
+                and fused_adaln.supports(x)):
+            return self._fused_forward(x, attn_bias, gamma1, gamma2, scale1, scale2, shift1, shift2)
         h = self.ln_wo_grad(x) * (1 + scale1) + shift1
         x = x + self.drop_path(self.attn(h, attn_bias) * gamma1)
         h = self.ln_wo_grad(x) * (1 + scale2) + shift2
+        return x + self.drop_path(self.ffn(h) * gamma2)
+
+    def _fused_forward(self, x, attn_bias, gamma1, gamma2, scale1, scale2, shift1, shift2) -> torch.Tensor:
+        """The same block with its LayerNorms, modulation and first residual add as Triton kernels (training).
+        Drop path scales whole samples, so it applies to gamma1 as well as to the branch times gamma1."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        eps = self.ln_wo_grad.eps
+        h = fused_adaln.adaln(x, scale1, shift1, eps, dtype)
+        x, h = fused_adaln.residual_adaln(x, self.attn(h, attn_bias), self.drop_path(gamma1), scale2, shift2, eps,
+                                          dtype)
         return x + self.drop_path(self.ffn(h) * gamma2)
 
 
@@ -183,7 +205,7 @@ class VAR(nn.Module):
                  shared_aln: bool = False, cos_attn: bool = True, cond_drop_rate: float = 0.1,
                  attn_impl: str = "sdpa", init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
                  init_head: float = 0.02, init_std: float = -1.0, residual_dtype: str = "param",
-                 ffn_impl: str = "plain"):
+                 ffn_impl: str = "plain", adaln_impl: str = "plain"):
         super().__init__()
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype={residual_dtype!r}: expected one of {', '.join(RESIDUAL_DTYPES)}")
@@ -211,7 +233,8 @@ class VAR(nn.Module):
         # Drop path grows linearly with block index from 0 to drop_path_rate (python floats: meta-safe).
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList([
-            AdaLNSelfAttn(C, C, num_heads, mlp_ratio, dpr[i], norm_eps, shared_aln, cos_attn, attn_impl, ffn_impl)
+            AdaLNSelfAttn(C, C, num_heads, mlp_ratio, dpr[i], norm_eps, shared_aln, cos_attn, attn_impl, ffn_impl,
+                          adaln_impl)
             for i in range(depth)
         ])
         self.drop_path_rate = drop_path_rate

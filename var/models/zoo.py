@@ -82,6 +82,7 @@ class VARConfig:
     attn_impl: str = "sdpa"
     residual_dtype: str = "param"  # "autocast": the residual stream in bf16 under autocast, as the official
     ffn_impl: str = "plain"  # "fused": GELU and its derivative in the feed-forward GEMMs' epilogues (CUDA bf16)
+    adaln_impl: str = "plain"  # "fused": residual add, LayerNorm and modulation as Triton kernels (CUDA)
 
     @property
     def width(self) -> int:
@@ -137,7 +138,7 @@ def build_var(cfg: VARConfig) -> VAR:
         drop_path_rate=cfg.dpr, norm_eps=cfg.norm_eps, shared_aln=cfg.shared_aln, cos_attn=cfg.cos_attn,
         cond_drop_rate=cfg.cond_drop_rate, attn_impl=cfg.attn_impl, init_adaln=cfg.init_adaln,
         init_adaln_gamma=cfg.adaln_gamma, init_head=cfg.init_head, init_std=cfg.init_std,
-        residual_dtype=cfg.residual_dtype, ffn_impl=cfg.ffn_impl,
+        residual_dtype=cfg.residual_dtype, ffn_impl=cfg.ffn_impl, adaln_impl=cfg.adaln_impl,
     )
 
 

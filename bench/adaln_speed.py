@@ -1,0 +1,78 @@
+"""A block's AdaLN work, forward + backward, per ``adaln_impl``: the two modulated LayerNorms and the residual add
+between them, with stand-ins (one multiply each) for the attention and feed-forward branches.
+
+    python -m bench.adaln_speed --depths 16 20 --batch 64 --out n.jsonl
+
+Both run compiled as the blocks are, under bf16 autocast, with the stream in bf16 (``--stream fp32`` for the
+default stream), gradients of x and of the per-image modulation included. Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import emit, environment, time_calls
+from var.models import fused_adaln
+from var.models.zoo import VARConfig
+
+TOKENS = 680  # the official 256 px pyramid
+
+
+def measure(depth: int, batch: int, impl: str, stream: torch.dtype, reps: int) -> dict:
+    C = VARConfig(depth=depth).width
+    x = torch.randn(batch, TOKENS, C, device="cuda", dtype=stream, requires_grad=True)
+    mods = (torch.randn(batch, 1, 6, C, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_()
+    w = torch.randn(C, device="cuda", dtype=torch.bfloat16)  # the branches' stand-in: h * w
+
+    @torch.compile(dynamic=False)
+    def step(x, mods):
+        g1, g2, s1, s2, t1, t2 = mods.unbind(2)
+        if impl == "fused":
+            h = fused_adaln.adaln(x, s1, t1, 1e-6, torch.bfloat16)
+            x, h = fused_adaln.residual_adaln(x, h * w, g1, s2, t2, 1e-6, torch.bfloat16)
+        else:
+            h = F.layer_norm(x, (C,), eps=1e-6) * (1 + s1) + t1
+            x = x + (h.to(torch.bfloat16) * w) * g1
+            h = (F.layer_norm(x, (C,), eps=1e-6) * (1 + s2) + t2).to(torch.bfloat16)
+        return x + (h * w) * g2
+
+    grad = torch.randn_like(x)
+
+    def once():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step(x, mods)
+        out.backward(grad)
+        return out
+
+    first_s, ms, _ = time_calls(once, reps)
+    return {"bench": "adaln", "depth": depth, "batch": batch, "adaln_impl": impl, "stream": str(stream),
+            "ms": round(ms, 4), "ms_per_depth": round(ms * depth, 2), "first_s": round(first_s, 1),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs="+", default=[16, 20])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--impls", nargs="+", default=["plain", "fused"])
+    ap.add_argument("--stream", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    env = environment()
+    stream = torch.bfloat16 if a.stream == "bf16" else torch.float32
+    for depth in a.depths:
+        for impl in a.impls:
+            row = {**measure(depth, a.batch, impl, stream, a.reps), **env}
+            emit(row)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""``adaln_impl=fused`` (var/models/fused_adaln.py) computes the block's residual add, LayerNorm and modulation as
+the plain block does: its Triton kernels in Triton's CPU interpreter, forward and backward."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _probe(*args: str) -> dict[str, dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tests.fused_adaln_probe", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {c["case"]: c for c in map(json.loads, proc.stdout.splitlines())}
+
+
+def test_fused_adaln_kernels_equal_the_plain_block_in_the_interpreter():
+    """Against float64: the outputs (x + a*g, the modulated LayerNorm) and every gradient (x, a, g, scale,
+    shift) to float rounding in fp32, with and without the residual, over several programs per image and a
+    ragged last one; within bf16 rounding in bf16 and with bf16 output from an fp32 stream. A tiny VAR with
+    the fused AdaLN gives the plain model's loss and gradients."""
+    cases = _probe()
+    assert len(cases) == 6
+    for name in ("fp32_residual", "fp32_plain", "fp32_residual_pow2"):
+        assert max(cases[name]["errors"]) < 1e-6, cases[name]
+    for name in ("bf16_residual", "fp32_stream_bf16_out"):
+        assert max(cases[name]["errors"]) < 1.6e-2, cases[name]  # two bf16 steps of the largest value
+    model = cases["model"]
+    assert model["same_params"] and model["loss_diff"] < 1e-5 and model["grad_rel"] < 1e-4, model
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_fused_adaln_equal_plain_in_the_interpreter():
+    """The kernels as torch.library ops inside torch.compile'd blocks (fake shapes, autograd) on the CPU."""
+    c = _probe("compiled")["model_compiled"]
+    assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("C", [1024, 1280, 1920])
+def test_fused_adaln_kernels_on_gpu(C):
+    """The official widths (d16, d20, d30) at the pyramid's 680 tokens, bf16 stream, against the plain block's
+    arithmetic in fp32: within bf16 rounding, forward and every gradient."""
+    from tests.fused_adaln_probe import plain
+    from var.models import fused_adaln
+
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, a = torch.randn(2, 680, C, **bf) * 3 + 1, torch.randn(2, 680, C, **bf)
+    mods = [torch.randn(2, 1, C, **bf) * 0.5 for _ in range(3)]
+    dx1, dh = torch.randn(2, 680, C, **bf), torch.randn(2, 680, C, **bf)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, *mods)]
+        if fused:
+            outs = fused_adaln.residual_adaln(*leaves, 1e-6, torch.bfloat16)
+        else:
+            outs = plain(*[t.float() for t in leaves], 1e-6, torch.float32)
+        grads = torch.autograd.grad(outs, leaves, [dx1.to(outs[0].dtype), dh.to(outs[1].dtype)])
+        results.append([t.float() for t in (*outs, *grads)])
+    for got, want in zip(*results):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+@CUDA
+def test_compiled_training_step_with_fused_adaln_equals_plain_on_gpu():
+    from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads
+    from tests.test_transformer_model import inputs, tiny
+
+    plain_m = tiny(patch_nums=PN4).float().cuda()
+    labels, x = inputs(plain_m)
+    labels, x = labels.cuda(), x.float().cuda()
+    target = torch.randint(0, plain_m.V, (3, plain_m.L), device="cuda")
+    ref = _loss_and_grads(plain_m, labels, x, target, fused=False)
+    fused_m = tiny(patch_nums=PN4, adaln_impl="fused", ffn_impl="fused").float().cuda()
+    fused_m.load_state_dict(plain_m.state_dict())
+    fused_m.compile_blocks()
+    _assert_same(_loss_and_grads(fused_m, labels, x, target, fused=True), ref, 1e-3)
