@@ -10,12 +10,11 @@ default stream), gradients of x and of the per-image modulation included. Never 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import emit, environment, time_calls
+from bench.common import emit, environment, time_backward_under_autocast
 from var.models import fused_adaln
 from var.models.zoo import VARConfig
 
@@ -40,15 +39,7 @@ def measure(depth: int, batch: int, impl: str, stream: torch.dtype, reps: int) -
             h = (F.layer_norm(x, (C,), eps=1e-6) * (1 + s2) + t2).to(torch.bfloat16)
         return x + (h * w) * g2
 
-    grad = torch.randn_like(x)
-
-    def once():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = step(x, mods)
-        out.backward(grad)
-        return out
-
-    first_s, ms, _ = time_calls(once, reps)
+    first_s, ms = time_backward_under_autocast(step, (x, mods), torch.randn_like(x), reps)
     return {"bench": "adaln", "depth": depth, "batch": batch, "adaln_impl": impl, "stream": str(stream),
             "ms": round(ms, 4), "ms_per_depth": round(ms * depth, 2), "first_s": round(first_s, 1),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
@@ -68,10 +59,7 @@ def main() -> None:
     for depth in a.depths:
         for impl in a.impls:
             row = {**measure(depth, a.batch, impl, stream, a.reps), **env}
-            emit(row)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, a.out)
 
 
 if __name__ == "__main__":

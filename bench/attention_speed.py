@@ -209,10 +209,7 @@ def main() -> None:
                        "flex_block": block, "compile_mode": mode, "flex_options": opts, "depth": depth,
                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             torch._dynamo.reset()
-            emit(rec)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, a.out)
 
 
 if __name__ == "__main__":

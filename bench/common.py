@@ -103,8 +103,25 @@ def time_calls(fn, reps: int, warmup: int = 3):
     return first_s, start.elapsed_time(end) / reps, out
 
 
-def emit(record: dict) -> None:
+def emit(record: dict, out: str | None = None) -> None:
+    """Print one JSON line; append it to ``out`` too, if given."""
     print(json.dumps(record), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def time_backward_under_autocast(step, inputs: tuple, grad: torch.Tensor, reps: int):
+    """(first call's seconds, ms per call) of ``step(*inputs).backward(grad)`` under bf16 autocast."""
+
+    def once():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step(*inputs)
+        out.backward(grad)
+        return out
+
+    first_s, ms, _ = time_calls(once, reps)
+    return first_s, ms
 
 
 def _error_line(text: str) -> str:

@@ -13,7 +13,6 @@ outputs are compared with ``cudnn``'s. Never run in CI. One JSON line per measur
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +64,7 @@ def main() -> None:
         size, channels = (int(v) for v in shape.split(":"))
         for way in a.ways:
             rec = measure(size, channels, way, a.batch, a.reps)
-            emit(rec)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, a.out)
 
 
 if __name__ == "__main__":

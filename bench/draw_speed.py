@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 
@@ -64,10 +63,7 @@ def main() -> None:
     for batch in a.batches:
         for draw_name in a.draws:
             rec = measure(batch, draw_name, a.reps)
-            emit(rec)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, a.out)
 
 
 if __name__ == "__main__":

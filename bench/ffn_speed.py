@@ -12,12 +12,11 @@ bias-gradient sum), with the largest difference from torch's result. Never run i
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import emit, environment, time_calls
+from bench.common import emit, environment, time_backward_under_autocast, time_calls
 from var.models import cublaslt
 from var.models import fused_ffn as fused_ffn_module
 from var.models.fused_ffn import fused_ffn
@@ -43,15 +42,7 @@ def half(depth: int, batch: int, impl: str, reps: int) -> dict:
         y = fc2(gelu(fc1(h))) if impl == "plain" else fused_ffn(h, fc1, fc2)
         return x + (y * gamma).to(x.dtype)
 
-    grad = torch.randn_like(x)
-
-    def once():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = step(x, mods)
-        out.backward(grad)
-        return out
-
-    first_s, ms, _ = time_calls(once, reps)
+    first_s, ms = time_backward_under_autocast(step, (x, mods), torch.randn_like(x), reps)
     flops = 6 * 2 * C * 4 * C * batch * TOKENS  # two GEMMs, forward and backward
     return {"bench": "ffn_half", "depth": depth, "batch": batch, "ffn_impl": impl,
             "backward_ways": fused_ffn_module.chosen_ways(), "ms": round(ms, 4),
@@ -117,10 +108,7 @@ def main() -> None:
         rows += [half(depth, a.batch, impl, a.reps) for impl in a.impls]
         for row in rows:
             row.update(env)
-            emit(row)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, a.out)
 
 
 if __name__ == "__main__":

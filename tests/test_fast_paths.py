@@ -41,6 +41,21 @@ def _assert_same(a, b, tol):
         torch.testing.assert_close(ga[name], gb[name], rtol=tol, atol=tol, msg=name)
 
 
+def compiled_against_plain(device: str = "cpu", tol: float = 1e-4, **overrides):
+    """A tiny fp32 VAR built with ``overrides``, its blocks compiled and its head's cross-entropy chunked, gives
+    the plain eager model's loss and gradients. Returns (plain, fast, (labels, x, target))."""
+    plain = tiny(patch_nums=PN4).float().to(device)
+    labels, x = inputs(plain)
+    labels, x = labels.to(device), x.float().to(device)
+    target = torch.randint(0, plain.V, (3, plain.L), device=device)
+    ref = _loss_and_grads(plain, labels, x, target, fused=False)
+    fast = tiny(patch_nums=PN4, **overrides).float().to(device)
+    fast.load_state_dict(plain.state_dict())
+    fast.compile_blocks()
+    _assert_same(_loss_and_grads(fast, labels, x, target, fused=True), ref, tol)
+    return plain, fast, (labels, x, target)
+
+
 # -------------------------------------------------------------------------------- attention
 @torch.no_grad()
 def test_flex_attention_equals_dense_masked_sdpa():
@@ -89,14 +104,7 @@ def test_bicubic_upsample_as_a_matmul_equals_interpolate():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["flex", "scalewise", "fused"])
 def test_compiled_fused_training_step_equals_plain_on_gpu(impl):
-    m = tiny(patch_nums=PN4).float().cuda()
-    labels, x = inputs(m)
-    labels, x = labels.cuda(), x.float().cuda()
-    target = torch.randint(0, m.V, (3, m.L), device="cuda")
-    ref = _loss_and_grads(m, labels, x, target, fused=False)
-    m.set_attn_impl(impl)
-    m.compile_blocks()
-    _assert_same(_loss_and_grads(m, labels, x, target, fused=True), ref, 1e-3)
+    compiled_against_plain("cuda", 1e-3, attn_impl=impl)
 
 
 # --------------------------------------------------------------------------- fused head CE
@@ -247,13 +255,7 @@ def test_compiled_blocks_share_graphs_whatever_the_depth(specialize_float):
 
 @pytest.mark.slow
 def test_inductor_compiled_blocks_equal_plain():
-    m = tiny(patch_nums=PN4).float()
-    labels, x = inputs(m)
-    x = x.float()
-    target = torch.randint(0, m.V, (3, m.L))
-    ref = _loss_and_grads(m, labels, x, target, fused=False)
-    m.compile_blocks()
-    _assert_same(_loss_and_grads(m, labels, x, target, fused=True), ref, 1e-4)
+    compiled_against_plain()
 
 
 # ------------------------------------------------------------------------------- sampling

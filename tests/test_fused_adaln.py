@@ -3,26 +3,16 @@ the plain block does: its Triton kernels in Triton's CPU interpreter, forward an
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.interpreter import run_probe
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
 
 
 def _probe(*args: str) -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.fused_adaln_probe", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {c["case"]: c for c in map(json.loads, proc.stdout.splitlines())}
+    return run_probe("tests.fused_adaln_probe", *args)
 
 
 def test_fused_adaln_kernels_equal_the_plain_block_in_the_interpreter():
@@ -78,15 +68,6 @@ def test_fused_adaln_kernels_on_gpu(C):
 
 @CUDA
 def test_compiled_training_step_with_fused_adaln_equals_plain_on_gpu():
-    from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads
-    from tests.test_transformer_model import inputs, tiny
+    from tests.test_fast_paths import compiled_against_plain
 
-    plain_m = tiny(patch_nums=PN4).float().cuda()
-    labels, x = inputs(plain_m)
-    labels, x = labels.cuda(), x.float().cuda()
-    target = torch.randint(0, plain_m.V, (3, plain_m.L), device="cuda")
-    ref = _loss_and_grads(plain_m, labels, x, target, fused=False)
-    fused_m = tiny(patch_nums=PN4, adaln_impl="fused", ffn_impl="fused").float().cuda()
-    fused_m.load_state_dict(plain_m.state_dict())
-    fused_m.compile_blocks()
-    _assert_same(_loss_and_grads(fused_m, labels, x, target, fused=True), ref, 1e-3)
+    compiled_against_plain("cuda", 1e-3, adaln_impl="fused", ffn_impl="fused")

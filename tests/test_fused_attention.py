@@ -3,16 +3,11 @@ cosine attention: its Triton kernels in Triton's CPU interpreter and on a GPU; i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreter import run_probe
 from tests.test_transformer_model import inputs, tiny
 from var.models.attention import FusedMask, attention_mask, scale_bounds
 from var.models.vqvae import PRESETS, VQVAE
@@ -20,15 +15,9 @@ from var.sampling.sampler import run_scales
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _probe(*args: str) -> dict[str, dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.fused_attention_probe", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {c["case"]: c for c in map(json.loads, proc.stdout.splitlines())}
+    return run_probe("tests.fused_attention_probe", *args)
 
 
 def test_fused_kernels_equal_the_plain_path_in_the_interpreter():

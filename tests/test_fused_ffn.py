@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads
+from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads, compiled_against_plain
 from tests.test_transformer_model import inputs, tiny
 from var.models import cublaslt, fused_ffn
 from var.models.transformer import FFN
@@ -55,14 +55,7 @@ def test_model_with_fused_ffn_gives_the_plain_loss_and_gradients():
 
 @pytest.mark.slow
 def test_inductor_compiled_fused_ffn_equals_plain():
-    plain, fused = tiny(patch_nums=PN4).float(), tiny(patch_nums=PN4, ffn_impl="fused").float()
-    fused.load_state_dict(plain.state_dict())
-    labels, x = inputs(plain)
-    x = x.float()
-    target = torch.randint(0, plain.V, (3, plain.L))
-    ref = _loss_and_grads(plain, labels, x, target, fused=False)
-    fused.compile_blocks()
-    _assert_same(_loss_and_grads(fused, labels, x, target, fused=True), ref, 1e-4)
+    compiled_against_plain(ffn_impl="fused")
 
 
 def test_unknown_ffn_impl_is_named():
@@ -134,15 +127,7 @@ def test_fused_ffn_under_autocast_follows_autocast_on_gpu():
 
 @CUDA
 def test_compiled_training_step_with_fused_ffn_equals_plain_on_gpu():
-    plain = tiny(patch_nums=PN4).float().cuda()
-    labels, x = inputs(plain)
-    labels, x = labels.cuda(), x.float().cuda()
-    target = torch.randint(0, plain.V, (3, plain.L), device="cuda")
-    ref = _loss_and_grads(plain, labels, x, target, fused=False)
-    fused = tiny(patch_nums=PN4, ffn_impl="fused").float().cuda()
-    fused.load_state_dict(plain.state_dict())
-    fused.compile_blocks()
-    _assert_same(_loss_and_grads(fused, labels, x, target, fused=True), ref, 1e-3)
+    plain, fused, (labels, x, target) = compiled_against_plain("cuda", 1e-3, ffn_impl="fused")
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the cuBLASLt path: bf16 GEMMs against autocast's
         a = _loss_and_grads(fused, labels, x, target, fused=True)
         b = _loss_and_grads(plain, labels, x, target, fused=True)
