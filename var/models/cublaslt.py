@@ -75,7 +75,8 @@ def _set(setter, obj, attr: int, value) -> None:
 
 
 class _Plan:
-    """One GEMM shape and epilogue: its descriptors and the heuristic's first algorithm, made once."""
+    """One GEMM shape, epilogue and operand alignment: its descriptors, made once, and its algorithm, chosen on
+    the first call."""
 
     def __init__(self, handle, dtype: int, epilogue: int, transa: int, m: int, n: int, k: int, lda: int, ldb: int):
         lib = _library()
@@ -89,12 +90,12 @@ class _Plan:
         a_rows, a_cols = (k, m) if transa == _OP_T else (m, k)
         for layout, (rows, cols, ld) in zip(self.layouts, [(a_rows, a_cols, lda), (k, n, ldb), (m, n, m)]):
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols, ld), "MatrixLayoutCreate")
-        self.dtype, self.epilogue = dtype, epilogue
+        self.epilogue = epilogue
 
     def choose(self, ptrs: dict, stream: int) -> None:
         """The fastest of the heuristic's first ``CANDIDATES`` algorithms on the first call's operands (timed
         with CUDA events; the heuristic's first choice can be far off for these epilogues, bench/results note
-        61). The heuristic reads the pointers' alignment: plans are made per alignment (``_alignment``)."""
+        62). The heuristic reads the pointers' alignment: plans are made per alignment (``_alignment``)."""
         lib = _library()
         self.bind(ptrs)
         pref = ctypes.c_void_p()
@@ -108,8 +109,8 @@ class _Plan:
         algos = [r.algo for r in results[: found.value] if r.state == 0]
         if not algos:
             raise RuntimeError(f"cuBLASLt found no algorithm for epilogue {self.epilogue}")
-        self.timings = [self._time(ptrs, algo, stream) for algo in algos] if len(algos) > 1 else [0.0]
-        self.algo = algos[min(range(len(algos)), key=self.timings.__getitem__)]
+        timings = [self._time(ptrs, algo, stream) for algo in algos] if len(algos) > 1 else [0.0]
+        self.algo = algos[min(range(len(algos)), key=timings.__getitem__)]
 
     def _time(self, ptrs: dict, algo, stream: int, reps: int = 5) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -172,6 +173,7 @@ def _workspace(device: torch.device) -> torch.Tensor:
 @functools.cache
 def _plan(device_index: int, dtype: torch.dtype, epilogue: int, transa: int, m: int, n: int, k: int, lda: int,
           ldb: int, alignment: int) -> _Plan:
+    # ``alignment`` only keys the cache: the plan's algorithm is chosen on operands aligned so.
     return _Plan(_handle(device_index), _DTYPES[dtype], epilogue, transa, m, n, k, lda, ldb)
 
 
