@@ -21,7 +21,8 @@ from bench.common import set_attention_knobs
 # Kernel families, first match wins: Triton first (Inductor names its kernels after the ops they fuse, e.g.
 # "convolution" or "scaled_dot_product"), then attention and convolution before the GEMM patterns, since
 # cuDNN's SDPA and implicit-GEMM convolution kernels carry "sm90" and "xmma" in their names too.
-FAMILIES = [("triton", r"^triton"), ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq|^_key_grads|^_query_grads|^_row_dots"),
+FAMILIES = [("triton", r"^triton"),
+            ("attention", r"flash|fmha|flex|attention|sdpa|dot_do_o|convert_dq|^_key_grads|^_query_grads|^_row_dots"),
             ("conv", r"conv|implicit|winograd|nchwToNhwc"), ("gemm", r"gemm|sm90|cutlass|nvjet|matmul|xmma|cublas"),
             ("sort/topk", r"sort|topk|radix|select"), ("optimizer", r"adam|multi_tensor|foreach"), ("norm", r"norm"),
             ("copy/cast", r"copy|cast|convert"), ("reduce", r"reduce"), ("elementwise", r"elementwise|vectorized")]
