@@ -69,7 +69,8 @@ def model_case(compiled: bool = False):
     target = torch.randint(0, plain_m.V, (3, plain_m.L), generator=torch.Generator().manual_seed(2))
     (la, ga), (lb, gb) = (_loss_and_grads(m, labels, x, target, fused=True) for m in (fused_m, plain_m))
     rel = max(((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-12)).item() for k in gb)
-    print(json.dumps({"case": "model_compiled" if compiled else "model", "loss_diff": (la - lb).abs().item(), "grad_rel": rel,
+    print(json.dumps({"case": "model_compiled" if compiled else "model", "loss_diff": (la - lb).abs().item(),
+                      "grad_rel": rel,
                       "same_params": ga.keys() == gb.keys()}), flush=True)
 
 

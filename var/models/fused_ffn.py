@@ -6,9 +6,9 @@ pass more (reading the pre-activation and the activation's gradient, writing the
 CUDA in bf16/fp16 (cublaslt.py): fc1's GEMM writes the activation and the pre-activation from its epilogue,
 and fc2's input-gradient GEMM applies GELU's derivative in its epilogue (with fc1's bias gradient from the
 epilogue too, or summed after it, or torch's three kernels instead: whichever ``BACKWARD_WAYS`` times fastest
-for the shape). The other four GEMMs (fc2 forward, both weight gradients, fc1's input gradient) are torch's. Elsewhere (CPU, fp32,
-odd sizes) the same steps run as torch ops, which is also what the CPU tests compare with ``nn.Linear`` +
-``nn.GELU``: same values, forward and backward, up to float rounding.
+for the shape). The other four GEMMs (fc2 forward, both weight gradients, fc1's input gradient) are torch's.
+Elsewhere (CPU, fp32, odd sizes) the same steps run as torch ops, which is also what the CPU tests compare with
+``nn.Linear`` + ``nn.GELU``: same values, forward and backward, up to float rounding.
 
 What differs from autocast under bf16: GELU and its derivative are taken from the fp32 accumulators, where
 autocast rounds the pre-activation and the activation's gradient to bf16 first (one rounding less each). Both
