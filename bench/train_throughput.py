@@ -19,9 +19,9 @@ blocks, as the official code carries it); fast_ffn[_bf16res] (with ``ffn_impl=fu
 in the feed-forward GEMMs' epilogues), fast_adaln_bf16res (``adaln_impl=fused``: residual add, LayerNorm and
 modulation as Triton kernels), fast_ffn_adaln[_bf16res] (both); the ablations of one lever each:
 fast_scalewise[_bf16res] (per-scale flash attention instead of the fused kernels, and the chunks uncompiled:
-``speed=fast`` before 2026-12-07), fast_eager_ce_chunks[_bf16res] (the chunks uncompiled), fast_flex[_bf16res] (FlexAttention), fast_autotune
-(compiled with max-autotune: Triton GEMM templates with fused epilogues where they beat cuBLAS); and flex_only,
-compile_sdpa, chunked_ce_only; ``--ac K`` checkpoints every K-th block.
+``speed=fast`` before 2026-12-07), fast_eager_ce_chunks[_bf16res] (the chunks uncompiled), fast_flex[_bf16res]
+(FlexAttention), fast_autotune (compiled with max-autotune: Triton GEMM templates with fused epilogues where they
+beat cuBLAS); and flex_only, compile_sdpa, chunked_ce_only; ``--ac K`` checkpoints every K-th block.
 Never run in CI (needs a GPU). One JSON line per measurement.
 """
 
