@@ -269,7 +269,8 @@ def test_validated_names_match_the_code():
         lr_factor(50, 100, "warmup_cosine")
     import torch._inductor
 
-    from var.models.transformer import ADALN_IMPLS, FFN_IMPLS, RESIDUAL_DTYPES
+    from var.models.ffn import FFN_IMPLS
+    from var.models.transformer import ADALN_IMPLS, RESIDUAL_DTYPES
 
     assert config_checks.RESIDUAL_DTYPES == RESIDUAL_DTYPES
     assert config_checks.FFN_IMPLS == FFN_IMPLS

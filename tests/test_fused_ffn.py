@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tests.test_fast_paths import PN4, _assert_same, _loss_and_grads, compiled_against_plain
 from tests.test_transformer_model import inputs, tiny
 from var.models import cublaslt, fused_ffn
-from var.models.transformer import FFN
+from var.models.ffn import FFN
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -148,7 +148,7 @@ def test_compiled_draws_give_the_eager_tokens_with_two_graphs_for_all_scales(dev
 def test_gelu_in_the_gemm_epilogue_is_the_autocast_linear_and_gelu_on_gpu():
     """fc1 and its tanh GELU as one cuBLASLt GEMM: autocast's two kernels up to one bf16 rounding of the
     pre-activation, at every row count sampling uses (one row included) and for 3-D inputs."""
-    from var.models.transformer import linear_tanh_gelu
+    from var.models.ffn import linear_tanh_gelu
 
     torch.manual_seed(0)
     fc1 = torch.nn.Linear(64, 256).cuda()

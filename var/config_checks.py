@@ -20,7 +20,7 @@ FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/m
 # checkpointing, and a step of a training-size batch is not launch-bound.
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("param", "autocast")  # var/models/transformer.py
-FFN_IMPLS = ("plain", "fused")  # var/models/transformer.py
+FFN_IMPLS = ("plain", "fused")  # var/models/ffn.py
 ADALN_IMPLS = ("plain", "fused")  # var/models/transformer.py
 
 

@@ -36,7 +36,7 @@ from torch import nn
 # stays symbolic, so the ten scales share graphs instead of specialising one each.
 _DYNAMO_OPTIONS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 32}
 _COMPILED_BLOCKS: dict = {}
-# fc1 and its GELU as one GEMM with the activation in the epilogue (transformer.linear_tanh_gelu); False:
+# fc1 and its GELU as one GEMM with the activation in the epilogue (ffn.linear_tanh_gelu); False:
 # two kernels as under autocast (the benchmark's ablation, bench.sample_speed --off no-gelu-epilogue).
 GELU_EPILOGUE = True
 
