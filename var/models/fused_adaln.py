@@ -15,14 +15,13 @@ directions with the plain block in Triton's CPU interpreter.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from var.models.fused_attention import INTERPRETED  # Triton's CPU interpreter (tests)
+
 ROWS = 16  # rows of one image per backward program
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
 
 @triton.jit

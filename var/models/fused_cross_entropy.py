@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from var.models.autocast import compute_dtype as autocast_compute_dtype
+
 
 def _chunk_loss_and_grad(h, weight, bias, target, smoothing: float, want_grad: bool, compute_dtype,
                          tokens: int):
@@ -88,8 +90,7 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: tor
     softmax and gradient through torch.compile (see _COMPILED_CHUNK).
     """
     if compute_dtype is None:
-        dev = features.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else features.dtype
+        compute_dtype = autocast_compute_dtype(features)
     h = features.reshape(-1, features.shape[-1])
     t = target.reshape(-1)
     if h.shape[0] != t.shape[0]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from var.models import cublaslt
+from var.models.autocast import compute_dtype
 
 # fc2's input gradient with GELU's derivative, three ways: the epilogue with fc1's bias gradient (DGELU_BGRAD),
 # the epilogue and then a sum over the rows (DGELU), or torch's GEMM, GELU-backward pass and sum. The
@@ -112,7 +113,7 @@ _forward.register_autograd(_backward, setup_context=_setup)
 def fused_ffn(x: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
     """fc2(gelu_tanh(fc1(x))) for x (..., C), in the autocast dtype where autocast is on (as autocast's Linear
     layers would compute it), else in x's dtype."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     h = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     y, _, _ = _forward(h, fc1.weight.to(dtype), fc1.bias.to(dtype), fc2.weight.to(dtype), fc2.bias.to(dtype))
     return y.view(*x.shape[:-1], y.shape[-1])

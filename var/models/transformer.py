@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from var.models.attention import SelfAttention, attention_mask, block_causal_bias, scale_ids
+from var.models.autocast import compute_dtype
 from var.models.ffn import FFN
 from var.models.fused_cross_entropy import linear_cross_entropy
 
@@ -138,8 +139,7 @@ class AdaLNSelfAttn(nn.Module):
     def _fused_forward(self, x, attn_bias, gamma1, gamma2, scale1, scale2, shift1, shift2) -> torch.Tensor:
         """The same block with its LayerNorms, modulation and first residual add as Triton kernels (training).
         Drop path scales whole samples, so it applies to gamma1 as well as to the branch times gamma1."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        eps = self.ln_wo_grad.eps
+        dtype, eps = compute_dtype(x), self.ln_wo_grad.eps
         h = fused_adaln.adaln(x, scale1, shift1, eps, dtype)
         x, h = fused_adaln.residual_adaln(x, self.attn(h, attn_bias), self.drop_path(gamma1), scale2, shift2, eps,
                                           dtype)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from var.models.autocast import compute_dtype
+
 # Compiled channels-last GroupNorm through per-channel sums (see GroupNorm); False: Inductor's own lowering.
 CHANNEL_SUM_GROUP_NORM = True
 # Compiled on CUDA, the x2 upsampling and its conv as one transposed conv (see Upsample2x); False: as written.
@@ -260,7 +262,5 @@ class Decoder(nn.Module):
             # The narrow output conv runs in NCHW and its input in the autocast dtype (the cast it would make
             # anyway): made here, inside the compiled decoder, the last fused kernel writes that form directly
             # instead of a full-size fp32 channels-last tensor being transposed and cast after it.
-            dev = h.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-            h = h.to(dtype=dtype, memory_format=torch.contiguous_format)
+            h = h.to(dtype=compute_dtype(h), memory_format=torch.contiguous_format)
         return self.conv_out(h)
