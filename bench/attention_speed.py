@@ -17,10 +17,14 @@ measured only so. ``--fused-tiles`` tries its tile sizes (JSON, as fused_attenti
     python -m bench.attention_speed --cos --impls scalewise fused --merges 255 --backends auto
 
 ``--fused-kernels`` times each of fused's kernels on its own (forward, dO.O rows, key gradients, query
-gradients), with and without the forward's saved q/k, then every candidate tile of each kernel
-(``TILE_CANDIDATES``): one JSON line per kernel and setting, with TFLOP/s over the allowed pairs' matmuls.
+gradients) in three settings: the forward's saved q/k, none (the backward normalises again), and q and k
+normalised by a kernel of their own before the forward (``normalise_first``: "fwd" is then both kernels,
+"normalise" the first alone); then every candidate tile of each kernel (``TILE_CANDIDATES``), with the
+library's setting: one JSON line per kernel and setting, with TFLOP/s over the allowed pairs' matmuls.
+``--normalise-first 0 1`` runs the ``--cos`` cases both ways.
 
     python -m bench.attention_speed --fused-kernels --depths 16 20
+    python -m bench.attention_speed --cos --impls fused --normalise-first 0 1 --depths 16 20
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from var.models.attention import (
 )
 
 LIBRARY_TILES = dict(fused_attention.TILES)
+LIBRARY_NORMALISE_FIRST = fused_attention.NORMALISE_FIRST
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -85,6 +90,7 @@ def measure(impl: str, backend: str, merge: int, depth: int, batch: int, iters: 
     first, ms, _ = time_calls(once, iters)
     return {"bench": "attention", "impl": impl, "cos": cos, "backend": backend, "merge_tokens": merge,
             "flex_block": block, "fused_tiles": fused_attention.TILES if impl == "fused" else None,
+            "normalise_first": fused_attention.NORMALISE_FIRST if impl == "fused" else None,
             "compile_mode": mode, "flex_options": attention.FLEX_KERNEL_OPTIONS if impl == "flex" else None,
             "depth": depth,
             "batch": batch, "fwd_bwd_ms": round(ms, 3), "per_model_step_ms": round(ms * depth, 1),
@@ -101,12 +107,13 @@ TILE_CANDIDATES = {
     "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (64, 32, 2, 3), (32, 32, 4, 3),
            (32, 64, 4, 3), (64, 16, 4, 3), (32, 16, 4, 3), (64, 32, 4, 2)],
 }
-MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3, "row_dots": 0}  # per allowed (query, key) pair and head channel
+MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3, "row_dots": 0, "normalise": 0}  # per allowed (query, key) pair, channel
+SETTINGS = {"saved_qk": (True, False), "renormalised": (False, False), "normalise_first": (True, True)}
 
 
 def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) -> list[dict]:
-    """Each fused kernel timed alone at the library's tiles, with the saved q/k and without; then each
-    candidate tile of each kernel with them."""
+    """Each fused kernel timed alone at the library's tiles in each of SETTINGS ((save_qk, NORMALISE_FIRST));
+    then each candidate tile of each kernel in the library's setting."""
     from var.models.attention import scale_bounds
 
     pn = OFFICIAL["patch_nums"]
@@ -121,11 +128,13 @@ def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) 
     fa = fused_attention
     records = []
 
-    def time_kernel(kernel: str, save_qk: bool, tiles: tuple | None = None) -> None:
+    def time_kernel(kernel: str, setting: str, tiles: tuple | None = None) -> None:
         fa.TILES = {**LIBRARY_TILES, **({kernel: tiles} if tiles else {})}
+        save_qk, fa.NORMALISE_FIRST = SETTINGS[setting]
         out, lse, qk = fa.forward(qkv, temp, ends, H, save_qk)
         delta = fa.row_dots(out, dout, H)
         run = {"fwd": lambda: fa.forward(qkv, temp, ends, H, save_qk),
+               "normalise": lambda: fa.normalise_qk(qkv, temp, H),
                "row_dots": lambda: fa.row_dots(out, dout, H),
                "dkdv": lambda: fa.key_grads(dqkv, dout, qkv, temp, ends, begins, lse, delta, qk, H),
                "dq": lambda: fa.query_grads(dqkv, dout, qkv, temp, ends, lse, delta, qk, H)}[kernel]
@@ -136,24 +145,28 @@ def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) 
         except Exception as e:  # a tile that does not fit the shared memory is one result
             rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         records.append({"bench": "attention_kernel", "kernel": kernel, "depth": depth, "batch": batch,
-                        "save_qk": save_qk, "tiles": list(fa.TILES[kernel]) if kernel != "row_dots" else None,
-                        **rec, **environment()})
+                        "setting": setting, "save_qk": save_qk, "normalise_first": fa.NORMALISE_FIRST,
+                        "tiles": list(fa.TILES[kernel]) if kernel in fa.TILES else None, **rec, **environment()})
         emit(records[-1])
 
-    for save_qk in (True, False):
-        for kernel in ("fwd", "row_dots", "dkdv", "dq"):
-            time_kernel(kernel, save_qk)
+    library = (fa.SAVE_QK, fa.NORMALISE_FIRST)
+    for setting in SETTINGS:
+        for kernel in ("normalise",) * SETTINGS[setting][1] + ("fwd", "row_dots", "dkdv", "dq"):
+            time_kernel(kernel, setting)
     for kernel, tiles in candidates.items():
         for t in tiles:
-            time_kernel(kernel, True, tuple(t))
-    fa.TILES = dict(LIBRARY_TILES)
+            time_kernel(kernel, next(k for k, v in SETTINGS.items() if v == library), tuple(t))
+    fa.TILES, fa.NORMALISE_FIRST = dict(LIBRARY_TILES), library[1]
     return records
 
 
-def set_fused_tiles(tiles: str | None) -> None:
-    """fused_attention.TILES for the next case: the library's own, or a JSON override of some kernels."""
+def set_fused_knobs(tiles: str | None, normalise_first: int | None) -> None:
+    """fused_attention.TILES for the next case: the library's own, or a JSON override of some kernels; and
+    NORMALISE_FIRST (None: the library's)."""
     fused_attention.TILES = dict(LIBRARY_TILES)
-    set_attention_knobs(fused_tiles=json.loads(tiles or "{}"))
+    fused_attention.NORMALISE_FIRST = LIBRARY_NORMALISE_FIRST
+    set_attention_knobs(fused_tiles=json.loads(tiles or "{}"),
+                        normalise_first=None if normalise_first is None else bool(normalise_first))
 
 
 def main() -> None:
@@ -169,6 +182,8 @@ def main() -> None:
     ap.add_argument("--cos", action="store_true", help="time the normalisation and output layout too (above)")
     ap.add_argument("--fused-tiles", nargs="+", default=None,
                     help='JSON tiles for fused, one case each, e.g. \'{"fwd": [128, 64, 4, 3], "dkdv": [16, 64, 4, 3]}\'')
+    ap.add_argument("--normalise-first", type=int, nargs="+", choices=(0, 1), default=None,
+                    help="fused: q and k normalised before the forward (0/1, one case each; default: the library's)")
     ap.add_argument("--fused-kernels", action="store_true", help="time fused's kernels one by one (above)")
     ap.add_argument("--candidates", default=None,
                     help='JSON tile candidates per kernel for --fused-kernels (default: TILE_CANDIDATES)')
@@ -193,14 +208,15 @@ def main() -> None:
     cases += [("flex", "auto", 0, blk, None if mode == "default" else mode, opts) for mode in a.flex_modes
               for blk in a.flex_blocks for opts in a.flex_options or [None]]
     if a.cos:
-        cases += [("fused", "triton", 0, 64, None, tiles) for tiles in a.fused_tiles or [None]]
+        cases += [("fused", "triton", 0, 64, None, (tiles, first)) for tiles in a.fused_tiles or [None]
+                  for first in a.normalise_first or [None]]
     cases = [c for c in cases if c[0] in a.impls]
     for depth in a.depths:
         for impl, backend, merge, block, mode, opts in cases:
             name = {"dense": "sdpa"}.get(impl, impl)
             try:
                 if impl == "fused":
-                    set_fused_tiles(opts)
+                    set_fused_knobs(*opts)
                     opts = None
                 rec = measure(name, backend, merge, depth, a.batch, a.iters, block, mode,
                               None if opts is None else json.loads(opts), cos=a.cos)

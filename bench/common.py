@@ -36,16 +36,19 @@ def official_vqvae(device) -> VQVAE:
 
 
 def set_attention_knobs(merge_tokens: int | None = None, flex_options: dict | None = None,
-                        flex_block: int | None = None, fused_tiles: dict | None = None) -> None:
+                        flex_block: int | None = None, fused_tiles: dict | None = None,
+                        normalise_first: bool | None = None) -> None:
     """Override var.models.attention's speed settings in this process (None: keep the library's):
-    SCALEWISE_MERGE_TOKENS, FLEX_KERNEL_OPTIONS, FLEX_BLOCK_SIZE and, for some of the fused kernels,
-    fused_attention.TILES. They change kernels and call grouping, never what is computed."""
+    SCALEWISE_MERGE_TOKENS, FLEX_KERNEL_OPTIONS, FLEX_BLOCK_SIZE and, for the fused kernels, some of
+    fused_attention.TILES and NORMALISE_FIRST. They change kernels and call grouping, never what is computed."""
     import var.models.attention as attention
 
-    if fused_tiles is not None:
+    if fused_tiles is not None or normalise_first is not None:
         from var.models import fused_attention
 
-        fused_attention.TILES = {**fused_attention.TILES, **{k: tuple(v) for k, v in fused_tiles.items()}}
+        fused_attention.TILES = {**fused_attention.TILES, **{k: tuple(v) for k, v in (fused_tiles or {}).items()}}
+        if normalise_first is not None:
+            fused_attention.NORMALISE_FIRST = normalise_first
     if merge_tokens is not None:
         attention.SCALEWISE_MERGE_TOKENS = merge_tokens
     if flex_options is not None:

@@ -126,11 +126,12 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
 
 def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: int, ceiling: float,
             merge_tokens: int | None = None, flex_options: str | None = None, flex_block: int | None = None,
-            fused_tiles: str | None = None) -> dict:
+            fused_tiles: str | None = None, normalise_first: int | None = None) -> dict:
     import var.models.attention as attention
 
     set_attention_knobs(merge_tokens, None if flex_options is None else json.loads(flex_options), flex_block,
-                        None if fused_tiles is None else json.loads(fused_tiles))
+                        None if fused_tiles is None else json.loads(fused_tiles),
+                        None if normalise_first is None else bool(normalise_first))
     cfg, step = setup(depth, batch, variant, ac)
     losses = []
     first_s, step_ms, _ = time_calls(lambda: losses.append(step()), steps, warmup - 1)  # first: compiling
@@ -147,7 +148,7 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
         "activation_checkpointing": ac, "scalewise_merge_tokens": attention.SCALEWISE_MERGE_TOKENS,
         **({"flex_options": attention.FLEX_KERNEL_OPTIONS, "flex_block": attention.FLEX_BLOCK_SIZE}
            if VARIANTS[variant].attn_impl == "flex" else {}),
-        **({"fused_tiles": fused_tiles_used()} if VARIANTS[variant].attn_impl == "fused" else {}),
+        **(fused_attention_knobs() if VARIANTS[variant].attn_impl == "fused" else {}),
         **({"ffn_backward_ways": fused_ffn.chosen_ways()} if VARIANTS[variant].ffn_impl == "fused" else {}),
         "params": param_counts(cfg)["total"], "img_per_s": round(img_s, 2),
         "tokens_per_s": round(img_s * cfg.seq_len), "step_ms": round(step_s * 1e3, 2),
@@ -161,10 +162,11 @@ def measure(depth: int, batch: int, variant: str, ac: int, steps: int, warmup: i
     }
 
 
-def fused_tiles_used() -> dict:
+def fused_attention_knobs() -> dict:
     from var.models import fused_attention
 
-    return {k: list(v) for k, v in fused_attention.TILES.items()}
+    return {"fused_tiles": {k: list(v) for k, v in fused_attention.TILES.items()},
+            "normalise_first": fused_attention.NORMALISE_FIRST}
 
 
 # The reference table's (depth, batch) pairs: the official code runs out of memory at d24/48 and d30/32.
@@ -180,6 +182,7 @@ def point_args(depth: int, batch: int, variant: str, ac: int, a, ceiling: float)
     knobs += [] if a.flex_options is None else ["--flex-options", a.flex_options]
     knobs += [] if a.flex_block is None else ["--flex-block", str(a.flex_block)]
     knobs += [] if a.fused_tiles is None else ["--fused-tiles", a.fused_tiles]
+    knobs += [] if a.normalise_first is None else ["--normalise-first", str(a.normalise_first)]
     return ["--depth", str(depth), "--batch", str(batch), "--variant", variant, "--ac", str(ac),
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--ceiling", str(ceiling), *knobs]
 
@@ -213,6 +216,8 @@ def main() -> None:
     ap.add_argument("--flex-block", type=int, default=None, help="flex attention's mask tile (tokens)")
     ap.add_argument("--fused-tiles", default=None,
                     help='JSON tiles for some fused attention kernels, e.g. \'{"dq": [128, 32, 4, 3]}\'')
+    ap.add_argument("--normalise-first", type=int, choices=(0, 1), default=None,
+                    help="fused attention: q and k normalised by a kernel before the forward (default: library's)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ceiling", type=float, default=None, help="matmul FLOP/s (default: measure)")
@@ -222,7 +227,7 @@ def main() -> None:
     ceiling = a.ceiling or matmul_ceiling()
     if a.one:
         emit(measure(a.depth, a.batch, a.variant, a.ac, a.steps, a.warmup, ceiling, a.merge_tokens, a.flex_options,
-                     a.flex_block, a.fused_tiles))
+                     a.flex_block, a.fused_tiles, a.normalise_first))
         return
     if a.table:
         a.depths = a.depths or list(REFERENCE_BATCHES)

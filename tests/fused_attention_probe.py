@@ -44,12 +44,14 @@ def errors(fn, qkv, temperature, grad):
 
 
 def op_case(name: str, dtype, tiles, length: int, temperatures=(4.0, 9.5), head_dim: int = 16,
-            zero_rows: bool = False, save_qk: bool = True):
+            zero_rows: bool = False, save_qk: bool = True, normalise_first: bool = False):
     """``tiles``: one size for every kernel, or (queries, keys) per kernel as fused_attention.TILES."""
     global fn_ref
     fused_attention.TILES = {kernel: (*(tiles.get(kernel) if isinstance(tiles, dict) else (tiles, tiles)), 4, 1)
                              for kernel in ("fwd", "dkdv", "dq")}
     fused_attention.SAVE_QK = save_qk
+    fused_attention.NORMALISE_FIRST = normalise_first
+    fused_attention.NORMALISE_TILE = (tiles if isinstance(tiles, int) else 16, 4)
     heads = len(temperatures)
     g = torch.Generator().manual_seed(0)
     qkv = 2 * torch.randn(2, length, 3 * heads * head_dim, generator=g)
@@ -73,8 +75,9 @@ def op_case(name: str, dtype, tiles, length: int, temperatures=(4.0, 9.5), head_
     print(json.dumps(line), flush=True)
 
 
-def model_case(name: str, compiled: bool, prog_si: int = -1):
+def model_case(name: str, compiled: bool, prog_si: int = -1, normalise_first: bool = False):
     """A float32 tiny VAR, teacher forcing: loss and every gradient, fused against scalewise."""
+    fused_attention.NORMALISE_FIRST = normalise_first
     results = {}
     for impl in ("scalewise", "fused"):
         m = tiny(patch_nums=(1, 2, 3, 4)).float().train()
@@ -101,7 +104,13 @@ if __name__ == "__main__":
             91, zero_rows=True, save_qk=False)
     op_case("fp32_one_tile", torch.float32, 64, 91, temperatures=(1.0,), head_dim=32)
     op_case("bf16_tiles16", torch.bfloat16, 16, 91, temperatures=(9.5, 20.0))  # sharp softmax: rounding shows
+    # q and k normalised by a kernel of their own first: the forward reads the unit key tiles.
+    op_case("fp32_normalised_first", torch.float32, {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}, 91,
+            zero_rows=True, normalise_first=True)
+    op_case("bf16_normalised_first", torch.bfloat16, 16, 91, temperatures=(9.5, 20.0), normalise_first=True)
     model_case("model_eager", compiled=False)
     model_case("model_eager_prefix", compiled=False, prog_si=2)
+    model_case("model_eager_normalised_first", compiled=False, normalise_first=True)
     if "compiled" in sys.argv:
         model_case("model_compiled", compiled=True)
+        model_case("model_compiled_normalised_first", compiled=True, normalise_first=True)

@@ -24,15 +24,19 @@ def test_fused_kernels_equal_the_plain_path_in_the_interpreter():
     """Output, qkv gradient and temperature gradient against float64: in fp32 to float rounding (several
     tiles, tiles straddling scales, a zero q and k row; a prefix of the pyramid; one tile); in bf16 within a
     few times the plain path's own rounding. A tiny VAR with fused attention gives scalewise's loss and
-    gradients, whole and over a prefix of its scales (progressive training)."""
+    gradients, whole and over a prefix of its scales (progressive training). All of it also with q and k
+    normalised by a kernel of their own before the forward (NORMALISE_FIRST)."""
     cases = _probe()
-    assert len(cases) == 7
-    for name in ("fp32_tiles16", "fp32_prefix55", "fp32_mixed_tiles_renormalised", "fp32_one_tile"):
+    assert len(cases) == 10
+    for name in ("fp32_tiles16", "fp32_prefix55", "fp32_mixed_tiles_renormalised", "fp32_one_tile",
+                 "fp32_normalised_first"):
         assert max(cases[name]["fused"]) < 1e-5, cases[name]
-    bf16 = cases["bf16_tiles16"]
-    for got, plain in zip(bf16["fused"], bf16["plain"]):
-        assert got < 3 * plain + 2e-3, bf16
-    for name in ("model_eager", "model_eager_prefix"):
+    for name in ("bf16_tiles16", "bf16_normalised_first"):
+        for got, plain in zip(cases[name]["fused"], cases[name]["plain"]):
+            assert got < 3 * plain + 2e-3, cases[name]
+    # The same q and k values either way: the same bf16 result to the bit.
+    assert cases["bf16_normalised_first"]["fused"] == cases["bf16_tiles16"]["fused"]
+    for name in ("model_eager", "model_eager_prefix", "model_eager_normalised_first"):
         c = cases[name]
         assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
 
@@ -40,8 +44,10 @@ def test_fused_kernels_equal_the_plain_path_in_the_interpreter():
 @pytest.mark.slow
 def test_compiled_blocks_with_fused_attention_equal_scalewise_in_the_interpreter():
     """The kernels as torch.library ops inside torch.compile'd blocks (fake shapes, autograd) on the CPU."""
-    c = _probe("compiled")["model_compiled"]
-    assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    cases = _probe("compiled")
+    for name in ("model_compiled", "model_compiled_normalised_first"):
+        c = cases[name]
+        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
 
 
 def test_scale_bounds_are_each_tokens_scale_end_and_begin():
@@ -83,10 +89,12 @@ def test_fused_attention_refuses_what_its_kernels_cannot_run_in_one_line():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("depth", [2, 16])
-def test_fused_attention_equals_scalewise_on_gpu(depth):
+@pytest.mark.parametrize("depth,normalise_first", [(2, False), (16, False), (16, True)])
+def test_fused_attention_equals_scalewise_on_gpu(depth, normalise_first, monkeypatch):
     """At the official 680-token pyramid and head size 64, bf16: output and gradients within bf16
-    rounding of the scalewise path (cuDNN/flash kernels), relative to their largest values."""
+    rounding of the scalewise path (cuDNN/flash kernels), relative to their largest values; also with q and k
+    normalised by a kernel of their own before the forward."""
+    from var.models import fused_attention
     from var.models.attention import (
         SCALEWISE_MERGE_TOKENS,
         block_causal_bias,
@@ -96,6 +104,7 @@ def test_fused_attention_equals_scalewise_on_gpu(depth):
     from var.models.fused_attention import fused_cos_attention
     from var.models.transformer import OFFICIAL_PATCH_NUMS as PN
 
+    monkeypatch.setattr(fused_attention, "NORMALISE_FIRST", normalise_first)
     L, H, D, B = 680, depth, 64, 4
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(B, L, 3 * H * D, device="cuda", generator=g).bfloat16().requires_grad_()

@@ -1,26 +1,22 @@
 """Teacher-forced cosine attention as Triton kernels: q/k normalisation, block-causal attention and the
 qkv gradient in one forward and three backward kernels (``attn_impl=fused``, CUDA; what ``speed=fast`` runs).
 
-What the blocks otherwise run around the attention kernels (attention.py, ``scalewise``): the q and k
-L2-normalisation and per-head temperature as their own pass over q and k, per-scale SDPA calls whose key
-gradients are partial sums to add up, the three gradients stacked back into the fused qkv projection's
-gradient, the normalisation's backward, and the output transposed for ``proj``. A d16 training step spent
-~12 ms of 169 on that assembly and ~9 on the normalisation (bench/results, notes 23 and 27). Here (measured
-on an H100, bench/results notes 54 and 58: attention with its normalisation 3.18 ms per d16 block, forward and
-backward, for scalewise, 1.70 ms here):
+Around per-scale SDPA calls (attention.py, ``scalewise``) the blocks otherwise run the q/k L2-normalisation
+as a pass of its own, sum partial key gradients, stack three gradients into the qkv projection's and transpose
+the output for ``proj``: ~21 ms of a 169 ms d16 step (bench/results notes 23, 27). Here attention with its
+normalisation takes 1.70 ms per d16 block forward and backward, against 3.18 for scalewise (notes 54, 58):
 
 - forward (``_attention_fwd``): one program per (image, head, 64 queries) reads the raw q and k rows
   straight out of the qkv projection's output (B, L, 3, H, c), normalises them in registers, and runs
-  flash attention over the keys its queries may see: a token of scale s sees the keys of scales <= s, i.e.
-  the keys before the end of its own scale, so the mask is one comparison against ``ends``, made only on the
-  key tiles a scale's end cuts (no -inf matrix; key tiles past the last query's end are never visited). The
-  output goes out as (B, L, H, c), which is ``proj``'s input without a copy; the scaled q and unit k it used
-  are kept for the backward (``SAVE_QK``).
+  flash attention over the keys its queries may see: a token of scale s sees the keys before the end of its
+  own scale, so the mask is one comparison against ``ends``, made only on the key tiles a scale's end cuts
+  (key tiles past the last query's end are never visited). The output goes out as (B, L, H, c), ``proj``'s
+  input without a copy; the scaled q and unit k it used are kept for the backward (``SAVE_QK``), or written
+  by a kernel of their own before it (``NORMALISE_FIRST``).
 - backward: ``_row_dots`` (dO . O per query row, the softmax backward's row term), ``_key_grads`` (one
   program per 64 keys: loops over the queries that see them, 16 at a time, so the key and value gradients
   come out whole) and ``_query_grads`` (one per 64 queries, 32 keys at a time), both writing the raw q, k and
-  v gradients, normalisation's backward applied, into one (B, L, 3, H, c) tensor: the qkv projection's
-  gradient as it is.
+  v gradients, normalisation's backward applied, into one (B, L, 3, H, c) tensor: qkv's gradient as it is.
 
 It computes what the plain path computes: q and k normalised in fp32, scaled, rounded to the qkv dtype,
 softmax(q k^T) v with fp32 accumulation (the flash recurrence, as cuDNN's kernel). Gradients of q and k skip
@@ -43,6 +39,10 @@ TILES = {"fwd": (64, 64, 4, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3)}
 # The forward saves the scaled q and unit k it used (B x L x 2C in the qkv dtype), so that the backward's
 # inner loops load them rather than normalise every tile again.
 SAVE_QK = True
+# q and k normalised by a kernel of their own first: the forward's inner loop loads unit key tiles instead of
+# normalising them again in every program (same values and bytes, one launch more). Off until timed.
+NORMALISE_FIRST = False
+NORMALISE_TILE = (64, 4)  # rows per program, warps
 NORM_EPS = 1e-12  # F.normalize's
 # Triton's CPU interpreter (tests) runs the kernels on CPU tensors; it must be chosen before Triton loads.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -128,36 +128,58 @@ def _visible_keys(ends, pid_m, L, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
-                   D: tl.constexpr, EMULATED: tl.constexpr, SAVE_QK: tl.constexpr):
-    pid_m, bh, b, h, rows = _program_tile(H, BM)
+def _store_qk(qkv, temp, qk, b, h, rows, L, H, eps, D: tl.constexpr, EMULATED: tl.constexpr):
+    """Writes the scaled q and unit k rows of ``rows`` to qk (B, L, 2, H, D); returns the q rows."""
     q, _, _ = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
-    if SAVE_QK:  # the backward's inner loops read these instead of normalising every tile again
-        ptrs, inside = _rows(qk, 0, 2, b, h, rows, L, H, D)
-        tl.store(ptrs, q, mask=inside)
-        ptrs, inside = _rows(qk, 1, 2, b, h, rows, L, H, D)
-        k, _, _ = _unit_keys(qkv, b, h, rows, L, H, eps, D, EMULATED)
-        tl.store(ptrs, k, mask=inside)
+    ptrs, inside = _rows(qk, 0, 2, b, h, rows, L, H, D)
+    tl.store(ptrs, q, mask=inside)
+    ptrs, inside = _rows(qk, 1, 2, b, h, rows, L, H, D)
+    k, _, _ = _unit_keys(qkv, b, h, rows, L, H, eps, D, EMULATED)
+    tl.store(ptrs, k, mask=inside)
+    return q
+
+
+@triton.jit
+def _normalise_qk(qkv, temp, qk, L, H, eps, BM: tl.constexpr, D: tl.constexpr, EMULATED: tl.constexpr):
+    """qk = (temperature * unit q, unit k) of BM rows, before the forward (``NORMALISE_FIRST``)."""
+    _, _, b, h, rows = _program_tile(H, BM)
+    _store_qk(qkv, temp, qk, b, h, rows, L, H, eps, D, EMULATED)
+
+
+@triton.jit
+def _attention_fwd(qkv, temp, ends, out, lse, qk, L, H, eps, BM: tl.constexpr, BN: tl.constexpr,
+                   D: tl.constexpr, EMULATED: tl.constexpr, SAVE_QK: tl.constexpr, NORMALISED: tl.constexpr):
+    """NORMALISED: qk holds every scaled q and unit k row already (``_normalise_qk``); otherwise each key tile
+    is normalised where it is used, and with SAVE_QK the program writes its own rows to qk."""
+    pid_m, bh, b, h, rows = _program_tile(H, BM)
+    if NORMALISED:
+        q = _load_rows(qk, 0, 2, b, h, rows, L, H, D)
+    elif SAVE_QK:  # the backward's inner loops read these instead of normalising every tile again
+        q = _store_qk(qkv, temp, qk, b, h, rows, L, H, eps, D, EMULATED)
+    else:
+        q, _, _ = _scaled_queries(qkv, temp, b, h, rows, L, H, eps, D, EMULATED)
     q_end = tl.load(ends + rows, mask=rows < L, other=1)
     whole, kv_end = _visible_keys(ends, pid_m, L, BM, BN)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     for start in range(0, whole, BN):
-        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN, D, EMULATED, False)
+        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, temp, qk, b, h, start, L, H, eps, BN, D, EMULATED,
+                                  NORMALISED, False)
     for start in range(whole, kv_end, BN):  # the tiles the scales' ends cut: masked
-        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN, D, EMULATED, True)
+        m_i, l_i, acc = _fwd_step(q, q_end, m_i, l_i, acc, qkv, temp, qk, b, h, start, L, H, eps, BN, D, EMULATED,
+                                  NORMALISED, True)
     ptrs, inside = _rows(out, 0, 1, b, h, rows, L, H, D)
     tl.store(ptrs, _cast(acc / l_i[:, None], out.dtype.element_ty, EMULATED), mask=inside)
     tl.store(lse + bh.to(tl.int64) * L + rows, m_i + tl.log(l_i), mask=rows < L)
 
 
 @triton.jit
-def _fwd_step(q, q_end, m_i, l_i, acc, qkv, b, h, start, L, H, eps, BN: tl.constexpr, D: tl.constexpr,
-              EMULATED: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_step(q, q_end, m_i, l_i, acc, qkv, temp, qk, b, h, start, L, H, eps, BN: tl.constexpr, D: tl.constexpr,
+              EMULATED: tl.constexpr, NORMALISED: tl.constexpr, MASKED: tl.constexpr):
     """The flash recurrence over one key tile. Every query sees key 0, so m_i is finite after the first tile."""
     cols = start + tl.arange(0, BN)
-    k, _, _ = _unit_keys(qkv, b, h, cols, L, H, eps, D, EMULATED)
+    k = _saved(qkv, temp, qk, 1, b, h, cols, L, H, eps, D, EMULATED, NORMALISED)
     s = _dot(q, tl.trans(k), EMULATED)
     if MASKED:  # a token of scale s sees the keys before the end of its scale
         s = tl.where(cols[None, :] < q_end[:, None], s, float("-inf"))
@@ -282,17 +304,29 @@ def _query_step(q, q_end, row_lse, row_delta, do, dq, start, qkv, temp, qk, b, h
 
 # ------------------------------------------------------------------------------------------ launches
 # One function per kernel, so that bench.attention_speed --fused-kernels can time each on its own.
+def normalise_qk(qkv: torch.Tensor, temperature: torch.Tensor, heads: int) -> torch.Tensor:
+    """The scaled q and unit k of every row, (B, L, 2C) in qkv's dtype."""
+    B, L, C3 = qkv.shape
+    qk = qkv.new_empty(B, L, 2 * C3 // 3)
+    BM, warps = NORMALISE_TILE
+    _normalise_qk[(triton.cdiv(L, BM), B * heads)](qkv, temperature, qk, L, heads, NORM_EPS, BM=BM,
+                                                   D=C3 // 3 // heads, EMULATED=INTERPRETED, num_warps=warps)
+    return qk
+
+
 def forward(qkv: torch.Tensor, temperature: torch.Tensor, ends: torch.Tensor, heads: int, save_qk: bool):
-    """(out (B, L, C), lse (B, H, L) fp32, the scaled q and unit k as (B, L, 2C) or an empty tensor)."""
+    """(out (B, L, C), lse (B, H, L) fp32, the scaled q and unit k as (B, L, 2C) or, without save_qk, an
+    empty tensor). With save_qk and NORMALISE_FIRST they are written before the forward, which reads them."""
     B, L, C3 = qkv.shape
     C = C3 // 3
     out = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=qkv.device)
-    qk = qkv.new_empty((B, L, 2 * C) if save_qk else (0,))
+    first = NORMALISE_FIRST and save_qk
+    qk = normalise_qk(qkv, temperature, heads) if first else qkv.new_empty((B, L, 2 * C) if save_qk else (0,))
     BM, BN, warps, stages = TILES["fwd"]
     _attention_fwd[(triton.cdiv(L, BM), B * heads)](
         qkv, temperature, ends, out, lse, qk, L, heads, NORM_EPS, BM=BM, BN=BN, D=C // heads,
-        EMULATED=INTERPRETED, SAVE_QK=save_qk, num_warps=warps, num_stages=stages)
+        EMULATED=INTERPRETED, SAVE_QK=save_qk and not first, NORMALISED=first, num_warps=warps, num_stages=stages)
     return out, lse, qk
 
 
