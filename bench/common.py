@@ -25,9 +25,9 @@ OFFICIAL = dict(num_classes=1000, vocab_size=4096, cvae=32, patch_nums=(1, 2, 3,
 
 
 def var_config(depth: int, attn_impl: str = "sdpa", residual_dtype: str = "param", ffn_impl: str = "plain",
-               adaln_impl: str = "plain") -> VARConfig:
+               adaln_impl: str = "plain", defer_residual: bool = False) -> VARConfig:
     return VARConfig(depth=depth, attn_impl=attn_impl, residual_dtype=residual_dtype, ffn_impl=ffn_impl,
-                     adaln_impl=adaln_impl, **OFFICIAL)
+                     adaln_impl=adaln_impl, defer_residual=defer_residual, **OFFICIAL)
 
 
 def official_vqvae(device) -> VQVAE:
@@ -114,13 +114,14 @@ def emit(record: dict, out: str | None = None) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def time_backward_under_autocast(step, inputs: tuple, grad: torch.Tensor, reps: int):
-    """(first call's seconds, ms per call) of ``step(*inputs).backward(grad)`` under bf16 autocast."""
+def time_backward_under_autocast(step, inputs: tuple, grad, reps: int):
+    """(first call's seconds, ms per call) of ``step(*inputs)`` and its backward from ``grad`` (a tensor, or
+    one per output) under bf16 autocast."""
 
     def once():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = step(*inputs)
-        out.backward(grad)
+        torch.autograd.backward(out, grad)
         return out
 
     first_s, ms, _ = time_calls(once, reps)

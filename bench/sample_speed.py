@@ -31,10 +31,10 @@ SETTINGS = dict(cfg=1.5, cfg_schedule="linear", top_k=900, top_p=0.96)
 VARIANTS = ("plain", "graphs", "fast")
 
 
-def setup(depth: int, batch: int, variant: str, residual_dtype: str = "param"):
+def setup(depth: int, batch: int, variant: str, residual_dtype: str = "param", defer_residual: bool = False):
     """(once, setup seconds): ``once(i)`` samples and decodes batch i (seeds i*batch ...)."""
     torch.manual_seed(0)
-    var = build_var(var_config(depth, residual_dtype=residual_dtype)).cuda().eval()
+    var = build_var(var_config(depth, residual_dtype=residual_dtype, defer_residual=defer_residual)).cuda().eval()
     vqvae = official_vqvae("cuda")
     t0 = time.perf_counter()
     sampler = ImageSampler(var, vqvae, "bf16", torch.device("cuda"), fast=variant != "plain",
@@ -74,9 +74,9 @@ def set_levers(off: Sequence[str]) -> dict:
 
 
 def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] = (),
-            residual_dtype: str = "param") -> dict:
+            residual_dtype: str = "param", defer_residual: bool = False) -> dict:
     levers = set_levers(off)
-    once, setup_s = setup(depth, batch, variant, residual_dtype)
+    once, setup_s = setup(depth, batch, variant, residual_dtype, defer_residual)
     for i in range(2):  # warm-up: cuBLAS/cuDNN autotuning, allocator
         once(i)
     torch.cuda.synchronize()
@@ -91,7 +91,7 @@ def measure(depth: int, batch: int, variant: str, reps: int, off: Sequence[str] 
         "bench": "sample", "depth": depth, "batch": batch, "variant": variant, **SETTINGS,
         "s_per_batch": round(per_batch, 4), "s_per_img": round(per_batch / batch, 5),
         "img_per_s": round(batch / per_batch, 2), "setup_s": round(setup_s, 2),
-        **levers, "residual_dtype": residual_dtype,
+        **levers, "residual_dtype": residual_dtype, "defer_residual": defer_residual,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **environment(),
     }
 
@@ -119,14 +119,19 @@ def main() -> None:
     ap.add_argument("--residual-dtype", default="param", choices=RESIDUAL_DTYPES,
                     help="the model's residual stream: param (fp32, the default) or autocast (bf16, opt-in: "
                          "it rounds the stream, so models trained with it sample with it)")
+    ap.add_argument("--defer-residual", action="store_true",
+                    help="each block's second residual add done by the next block, fused with its first LayerNorm "
+                         "(model.defer_residual; the same arithmetic)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.one:
-        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype))
+        emit(measure(a.depth, a.batch, a.variant, a.reps or (10 if a.batch == 1 else 3), a.off, a.residual_dtype,
+                     a.defer_residual))
         return
     points = [["--depth", str(d), "--batch", str(b), "--variant", v, "--reps", str(a.reps),
-               "--residual-dtype", a.residual_dtype, "--off", *a.off]
+               "--residual-dtype", a.residual_dtype, *(["--defer-residual"] if a.defer_residual else []),
+               "--off", *a.off]
               for d in a.depths for b in a.batches for v in a.variants]
     run_points("bench.sample_speed", points, a.out, a.timeout)
 

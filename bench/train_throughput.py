@@ -17,7 +17,9 @@ as Triton kernels, ``attn_impl=fused``, compiled blocks, the head's cross-entrop
 chunk's softmax and gradient compiled); fast_bf16res (the same with the residual stream in bf16 between the
 blocks, as the official code carries it); fast_ffn[_bf16res] (with ``ffn_impl=fused``: GELU and its derivative
 in the feed-forward GEMMs' epilogues), fast_adaln_bf16res (``adaln_impl=fused``: residual add, LayerNorm and
-modulation as Triton kernels), fast_ffn_adaln[_bf16res] (both); the ablations of one lever each:
+modulation as Triton kernels), fast_ffn_adaln[_bf16res] (both), fast_defer_bf16res and fast_adaln_defer_bf16res
+(``defer_residual``: each block's second residual add done in the next block's first LayerNorm kernel),
+fast_all[_bf16res] (all three); the ablations of one lever each:
 fast_scalewise[_bf16res] (per-scale flash attention instead of the fused kernels, and the chunks uncompiled:
 ``speed=fast`` before 2026-12-07), fast_eager_ce_chunks[_bf16res] (the chunks uncompiled), fast_flex[_bf16res]
 (FlexAttention), fast_autotune (compiled with max-autotune: Triton GEMM templates with fused epilogues where they
@@ -61,6 +63,7 @@ class Variant(NamedTuple):
     compile_head_ce: bool = False
     ffn_impl: str = "plain"
     adaln_impl: str = "plain"
+    defer_residual: bool = False
 
 
 BF16 = "autocast"  # residual_dtype of the _bf16res variants
@@ -74,6 +77,13 @@ VARIANTS = {
     "fast_ffn_adaln": Variant("fused", True, True, compile_head_ce=True, ffn_impl="fused", adaln_impl="fused"),
     "fast_ffn_adaln_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True,
                                       ffn_impl="fused", adaln_impl="fused"),
+    "fast_defer_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True, defer_residual=True),
+    "fast_adaln_defer_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True,
+                                        adaln_impl="fused", defer_residual=True),
+    "fast_all": Variant("fused", True, True, compile_head_ce=True, ffn_impl="fused", adaln_impl="fused",
+                        defer_residual=True),
+    "fast_all_bf16res": Variant("fused", True, True, residual_dtype=BF16, compile_head_ce=True, ffn_impl="fused",
+                                adaln_impl="fused", defer_residual=True),
     "fast_scalewise": Variant("scalewise", True, True),
     "fast_scalewise_bf16res": Variant("scalewise", True, True, residual_dtype=BF16),
     "fast_eager_ce_chunks": Variant("fused", True, True),
@@ -93,7 +103,7 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
     ``data_seed`` draws the random tokens (one per rank there)."""
     v = VARIANTS[variant]
     device = torch.device(device)
-    cfg = var_config(depth, v.attn_impl, v.residual_dtype, v.ffn_impl, v.adaln_impl)
+    cfg = var_config(depth, v.attn_impl, v.residual_dtype, v.ffn_impl, v.adaln_impl, v.defer_residual)
     quantizer = official_vqvae(device).quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
                                parallelism={"kind": "none", "activation_checkpointing": ac},

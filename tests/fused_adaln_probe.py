@@ -54,13 +54,14 @@ def case(name, B, L, C, dtype, residual, out_dtype):
     print(json.dumps({"case": name, "errors": errs}), flush=True)
 
 
-def model_case(compiled: bool = False):
+def model_case(compiled: bool = False, defer: bool = False):
     """A tiny VAR (fp32) with the fused AdaLN against the plain one: loss and parameter gradients; ``compiled``:
-    its blocks through torch.compile (the kernels as torch.library ops in Inductor's graphs)."""
+    its blocks through torch.compile (the kernels as torch.library ops in Inductor's graphs); ``defer``: each
+    block's second residual add in the next block's first kernel (``defer_residual``)."""
     from tests.test_fast_paths import PN4, _loss_and_grads
     from tests.test_transformer_model import inputs, tiny
 
-    plain_m, fused_m = tiny(patch_nums=PN4).float(), tiny(patch_nums=PN4, adaln_impl="fused").float()
+    plain_m, fused_m = tiny(patch_nums=PN4).float(), tiny(patch_nums=PN4, adaln_impl="fused", defer_residual=defer).float()
     fused_m.load_state_dict(plain_m.state_dict())
     if compiled:
         fused_m.compile_blocks()
@@ -69,7 +70,8 @@ def model_case(compiled: bool = False):
     target = torch.randint(0, plain_m.V, (3, plain_m.L), generator=torch.Generator().manual_seed(2))
     (la, ga), (lb, gb) = (_loss_and_grads(m, labels, x, target, fused=True) for m in (fused_m, plain_m))
     rel = max(((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-12)).item() for k in gb)
-    print(json.dumps({"case": "model_compiled" if compiled else "model", "loss_diff": (la - lb).abs().item(),
+    name = ("model_compiled" if compiled else "model") + ("_deferred" if defer else "")
+    print(json.dumps({"case": name, "loss_diff": (la - lb).abs().item(),
                       "grad_rel": rel,
                       "same_params": ga.keys() == gb.keys()}), flush=True)
 
@@ -77,6 +79,7 @@ def model_case(compiled: bool = False):
 if __name__ == "__main__":
     if "compiled" in sys.argv:
         model_case(compiled=True)
+        model_case(compiled=True, defer=True)
         sys.exit()
     fused_adaln.ROWS = 4  # several programs per image, the last one ragged
     case("fp32_residual", 2, 11, 40, torch.float32, True, torch.float32)
@@ -85,3 +88,4 @@ if __name__ == "__main__":
     case("bf16_residual", 2, 11, 40, torch.bfloat16, True, torch.bfloat16)
     case("fp32_stream_bf16_out", 2, 9, 48, torch.float32, True, torch.bfloat16)
     model_case()
+    model_case(defer=True)

@@ -269,8 +269,9 @@ def test_validated_names_match_the_code():
         lr_factor(50, 100, "warmup_cosine")
     import torch._inductor
 
+    from var.models.block import ADALN_IMPLS
     from var.models.ffn import FFN_IMPLS
-    from var.models.transformer import ADALN_IMPLS, RESIDUAL_DTYPES
+    from var.models.transformer import RESIDUAL_DTYPES
 
     assert config_checks.RESIDUAL_DTYPES == RESIDUAL_DTYPES
     assert config_checks.FFN_IMPLS == FFN_IMPLS

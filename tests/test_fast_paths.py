@@ -229,12 +229,13 @@ def test_compiled_blocks_keep_state_dict_keys_and_outputs():
     assert list(m.state_dict()) == keys  # checkpoints of compiled runs load into plain models
 
 
-@pytest.mark.parametrize("specialize_float", [True, False])
-def test_compiled_blocks_share_graphs_whatever_the_depth(specialize_float):
+@pytest.mark.parametrize("specialize_float, defer", [(True, False), (False, False), (False, True)])
+def test_compiled_blocks_share_graphs_whatever_the_depth(specialize_float, defer):
     """Each block has its own drop-path rate; were the rate a compile-time constant, every block would
     compile a graph of its own (d30: 30 compilations, and past the recompile limit the rest run eager).
     Depth 12 in training mode (drop path on): two graphs, the first block (no drop path) and the rest.
-    Both settings of Dynamo's float specialisation (the default differs between torch releases)."""
+    Both settings of Dynamo's float specialisation (the default differs between torch releases); with
+    defer_residual the first block is also the only one without a deferred branch to add."""
     from torch._dynamo import config as dynamo_config
     from torch._dynamo.utils import counters
 
@@ -242,7 +243,8 @@ def test_compiled_blocks_share_graphs_whatever_the_depth(specialize_float):
         pytest.skip("this torch has no specialize_float switch")
     torch._dynamo.reset()
     counters.clear()
-    m = build_var(VARConfig(depth=12, num_classes=10, patch_nums=PN4, vocab_size=64, cvae=8)).train()
+    m = build_var(VARConfig(depth=12, num_classes=10, patch_nums=PN4, vocab_size=64, cvae=8,
+                            defer_residual=defer)).train()
     assert len({b.drop_path.p for b in m.blocks[1:]}) == 11
     m.compile_blocks(backend="eager")
     labels, x = torch.randint(0, 10, (2,)), torch.randn(2, m.L - 1, 8)
@@ -254,8 +256,36 @@ def test_compiled_blocks_share_graphs_whatever_the_depth(specialize_float):
 
 
 @pytest.mark.slow
-def test_inductor_compiled_blocks_equal_plain():
-    compiled_against_plain()
+@pytest.mark.parametrize("defer", [False, True])
+def test_inductor_compiled_blocks_equal_plain(defer):
+    compiled_against_plain(defer_residual=defer)
+
+
+@pytest.mark.parametrize("prog_si", [-1, 1])
+def test_deferred_residual_add_computes_what_the_block_adds_itself(prog_si):
+    """defer_residual: each block's second residual add done at the start of the next block (the last one's
+    after the stack). float64, training mode with drop path on (the same draws in the same order), also with
+    every 2nd block checkpointed and over a prefix of the scales: the plain loss and gradients; and the same
+    tokens from the KV-cache sampling steps."""
+    ref = tiny(patch_nums=PN4, depth=3, drop_path_rate=0.3).train()
+    got = tiny(patch_nums=PN4, depth=3, drop_path_rate=0.3, defer_residual=True).train()
+    labels, x = inputs(ref)
+    target = torch.randint(0, ref.V, (3, ref.L), generator=torch.Generator().manual_seed(4))
+    results = []
+    for m, every in ((ref, 0), (got, 0), (got, 2)):
+        m.set_grad_checkpointing(every)
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        logits = m(labels, x, prog_si=prog_si)
+        loss = F.cross_entropy(logits.transpose(1, 2), target[:, : logits.shape[1]])
+        loss.backward()
+        results.append((loss.detach(), _grads(m)))
+    _assert_same(results[1], results[0], 1e-12)
+    _assert_same(results[2], results[0], 1e-12)
+    vq = VQVAE(PRESETS["vq_test32"]).eval()  # scales 1..4, as the model
+    a, _ = run_scales(ref.eval(), vq, labels, [1, 2, 3], cfg=1.5, top_k=10)
+    b, _ = run_scales(got.eval(), vq, labels, [1, 2, 3], cfg=1.5, top_k=10)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 # ------------------------------------------------------------------------------- sampling

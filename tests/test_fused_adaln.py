@@ -19,22 +19,26 @@ def test_fused_adaln_kernels_equal_the_plain_block_in_the_interpreter():
     """Against float64: the outputs (x + a*g, the modulated LayerNorm) and every gradient (x, a, g, scale,
     shift) to float rounding in fp32, with and without the residual, over several programs per image and a
     ragged last one; within bf16 rounding in bf16 and with bf16 output from an fp32 stream. A tiny VAR with
-    the fused AdaLN gives the plain model's loss and gradients."""
+    the fused AdaLN gives the plain model's loss and gradients, also with each block's second residual add in
+    the next block's first kernel (defer_residual)."""
     cases = _probe()
-    assert len(cases) == 6
+    assert len(cases) == 7
     for name in ("fp32_residual", "fp32_plain", "fp32_residual_pow2"):
         assert max(cases[name]["errors"]) < 1e-6, cases[name]
     for name in ("bf16_residual", "fp32_stream_bf16_out"):
         assert max(cases[name]["errors"]) < 1.6e-2, cases[name]  # two bf16 steps of the largest value
-    model = cases["model"]
-    assert model["same_params"] and model["loss_diff"] < 1e-5 and model["grad_rel"] < 1e-4, model
+    for name in ("model", "model_deferred"):
+        c = cases[name]
+        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
 
 
 @pytest.mark.slow
 def test_compiled_blocks_with_fused_adaln_equal_plain_in_the_interpreter():
     """The kernels as torch.library ops inside torch.compile'd blocks (fake shapes, autograd) on the CPU."""
-    c = _probe("compiled")["model_compiled"]
-    assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    cases = _probe("compiled")
+    for name in ("model_compiled", "model_compiled_deferred"):
+        c = cases[name]
+        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -67,7 +71,8 @@ def test_fused_adaln_kernels_on_gpu(C):
 
 
 @CUDA
-def test_compiled_training_step_with_fused_adaln_equals_plain_on_gpu():
+@pytest.mark.parametrize("defer", [False, True])
+def test_compiled_training_step_with_fused_adaln_equals_plain_on_gpu(defer):
     from tests.test_fast_paths import compiled_against_plain
 
-    compiled_against_plain("cuda", 1e-3, adaln_impl="fused", ffn_impl="fused")
+    compiled_against_plain("cuda", 1e-3, adaln_impl="fused", ffn_impl="fused", defer_residual=defer)

@@ -65,11 +65,15 @@ def test_bf16_weight_copies_compute_what_autocast_does_and_follow_the_weights():
     torch.testing.assert_close(_all_scales(steps, var, 4)[-1], _eager_autocast(var, 4)[-1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shared_aln", [False, True])
+@pytest.mark.parametrize("shared_aln, defer", [(False, False), (True, False), (False, True)])
 @torch.no_grad()
-def test_compiled_blocks_share_graphs_over_all_scales_and_equal_the_plain_step(shared_aln):
+def test_compiled_blocks_share_graphs_over_all_scales_and_equal_the_plain_step(shared_aln, defer):
+    """Also with each block's second residual add deferred to the next block (defer_residual): the first
+    block, which takes no deferred branch, is also the one without drop path, so the graphs stay as many."""
     var = _model(shared_aln=shared_aln, drop_path_rate=0.1)
     plain = _all_scales(GraphedScaleSteps(var, rows=4, dtype=None, graphs=False), var, 4)
+    if defer:
+        var = _model(shared_aln=shared_aln, drop_path_rate=0.1, defer_residual=True)
     torch._dynamo.reset()
     counters.clear()
     steps = GraphedScaleSteps(var, rows=4, dtype=None, graphs=False, compile=True, compile_backend="aot_eager")
@@ -97,8 +101,9 @@ def test_inductor_compiled_steps_on_bf16_copies_follow_the_eager_autocast_step()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_cuda_graph_steps_equal_eager_steps_on_gpu():
-    var = _model(patch_nums=(1, 2, 3, 4), depth=4).cuda()
+@pytest.mark.parametrize("defer", [False, True])
+def test_compiled_cuda_graph_steps_equal_eager_steps_on_gpu(defer):
+    var = _model(patch_nums=(1, 2, 3, 4), depth=4, defer_residual=defer).cuda()
     vq = VQVAE(PRESETS["vq_test32"]).cuda().eval()
     labels, seeds = torch.tensor([1, 4, 10], device="cuda"), [3, 4, 5]
     auto = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731

@@ -9,7 +9,8 @@ import torch
 
 from var.checkpoints import CheckpointError
 from var.models.attention import block_causal_bias
-from var.models.transformer import VAR, DropPath, no_decay_names, param_groups
+from var.models.block import DropPath
+from var.models.transformer import VAR, no_decay_names, param_groups
 from var.models.zoo import VARConfig, build_var, load_released_var, official_config
 
 OFFICIAL_COUNTS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356}

@@ -317,7 +317,7 @@ def _validate_model(cfg: DictConfig) -> None:
     _number(cfg, "model.init_adaln_gamma", 0)
     for key in ("model.init_adaln", "model.init_head", "model.init_std"):
         _number(cfg, key)
-    for key in ("model.shared_aln", "model.cos_attn"):
+    for key in ("model.shared_aln", "model.cos_attn", "model.defer_residual"):
         value = OmegaConf.select(cfg, key, default=_UNSET)
         if value is not _UNSET and not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected true or false")

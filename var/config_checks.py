@@ -21,7 +21,7 @@ FLOP_CONVENTIONS = ("6NL", "exact", "exact_dense_attn", "official_mfu")  # var/m
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("param", "autocast")  # var/models/transformer.py
 FFN_IMPLS = ("plain", "fused")  # var/models/ffn.py
-ADALN_IMPLS = ("plain", "fused")  # var/models/transformer.py
+ADALN_IMPLS = ("plain", "fused")  # var/models/block.py
 
 
 def validate_task(cfg: DictConfig) -> None:

@@ -30,21 +30,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from var.models.attention import SelfAttention, attention_mask, block_causal_bias, scale_ids
-from var.models.autocast import compute_dtype
-from var.models.ffn import FFN
+from var.models.attention import attention_mask, block_causal_bias, scale_ids
+from var.models.block import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, complete
 from var.models.fused_cross_entropy import linear_cross_entropy
-
-try:  # Triton: the fused AdaLN kernels (adaln_impl=fused)
-    from var.models import fused_adaln
-except ImportError:
-    fused_adaln = None
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 RESIDUAL_DTYPES = ("param", "autocast")  # the residual stream under autocast: fp32 parameters' dtype | bf16
-ADALN_IMPLS = ("plain", "fused")  # fused: residual add + LayerNorm + modulation as Triton kernels (fused_adaln.py)
 
 
 def _no_autocast(device: torch.device):
@@ -52,110 +44,6 @@ def _no_autocast(device: torch.device):
     if device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones by 1/keep."""
-
-    RESOLUTION = 1 << 24  # the keep probability in steps of 2^-24, the resolution of an fp32 uniform draw
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.active = p > 0.0  # forward reads this bool, never p: a guard on p would also specialise
-        # The keep probability as a tensor, not a Python float: torch.compile bakes a float attribute into
-        # the graph and guards on it, so every block (each with its own rate) would compile a graph of its
-        # own; a buffer is a graph input, and the blocks share one graph. An integer, so that casting the
-        # model to bf16 cannot round it. Non-persistent: not in the state dict; reset_parameters refills
-        # it after a model is materialised from the meta device.
-        self.register_buffer("keep_threshold", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.keep_threshold.device.type != "meta":
-            self.keep_threshold.fill_(round((1.0 - self.p) * self.RESOLUTION))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.active:
-            return x
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = torch.randint(0, self.RESOLUTION, shape, device=x.device) < self.keep_threshold
-        keep = self.keep_threshold.float() / self.RESOLUTION
-        return x * (mask.float() / keep).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p:g}"
-
-
-class SharedAdaLin(nn.Linear):
-    """One AdaLN projection for all blocks (``shared_aln``): cond (B, D) -> (B, 1, 6, C)."""
-
-    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
-
-
-class AdaLNSelfAttn(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the class condition."""
-
-    def __init__(self, embed_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                 norm_eps: float, shared_aln: bool, cos_attn: bool, attn_impl: str, ffn_impl: str = "plain",
-                 adaln_impl: str = "plain"):
-        super().__init__()
-        if adaln_impl not in ADALN_IMPLS:
-            raise ValueError(f"adaln_impl={adaln_impl!r}: expected one of {', '.join(ADALN_IMPLS)}")
-        self.C, self.adaln_impl = embed_dim, adaln_impl
-        self.attn = SelfAttention(embed_dim, num_heads, cos_attn=cos_attn, attn_impl=attn_impl)
-        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), ffn_impl)
-        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.shared_aln = shared_aln
-        self.grad_checkpointing = False  # recompute this block in backward instead of storing activations
-        if shared_aln:
-            # Per-block offset on top of the shared modulation.
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
-
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cond_BD, attn_bias, use_reentrant=False)
-        return self._forward(x, cond_BD, attn_bias)
-
-    def _forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
-        if self.shared_aln:  # cond_BD is already the shared (B, 1, 6, C) modulation
-            mods = (self.ada_gss + cond_BD).unbind(2)
-        else:
-            mods = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
-        if (self.adaln_impl == "fused" and torch.is_grad_enabled() and fused_adaln is not None
-                and fused_adaln.supports(x)):
-            return self._fused_forward(x, attn_bias, gamma1, gamma2, scale1, scale2, shift1, shift2)
-        h = self.ln_wo_grad(x) * (1 + scale1) + shift1
-        x = x + self.drop_path(self.attn(h, attn_bias) * gamma1)
-        h = self.ln_wo_grad(x) * (1 + scale2) + shift2
-        return x + self.drop_path(self.ffn(h) * gamma2)
-
-    def _fused_forward(self, x, attn_bias, gamma1, gamma2, scale1, scale2, shift1, shift2) -> torch.Tensor:
-        """The same block with its LayerNorms, modulation and first residual add as Triton kernels (training).
-        Drop path scales whole samples, so it applies to gamma1 as well as to the branch times gamma1."""
-        dtype, eps = compute_dtype(x), self.ln_wo_grad.eps
-        h = fused_adaln.adaln(x, scale1, shift1, eps, dtype)
-        x, h = fused_adaln.residual_adaln(x, self.attn(h, attn_bias), self.drop_path(gamma1), scale2, shift2, eps,
-                                          dtype)
-        return x + self.drop_path(self.ffn(h) * gamma2)
-
-
-class AdaLNBeforeHead(nn.Module):
-    def __init__(self, embed_dim: int, cond_dim: int, norm_eps: float):
-        super().__init__()
-        self.C = embed_dim
-        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * embed_dim))
-
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x) * (1 + scale) + shift
 
 
 class VAR(nn.Module):
@@ -172,7 +60,7 @@ class VAR(nn.Module):
                  shared_aln: bool = False, cos_attn: bool = True, cond_drop_rate: float = 0.1,
                  attn_impl: str = "sdpa", init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
                  init_head: float = 0.02, init_std: float = -1.0, residual_dtype: str = "param",
-                 ffn_impl: str = "plain", adaln_impl: str = "plain"):
+                 ffn_impl: str = "plain", adaln_impl: str = "plain", defer_residual: bool = False):
         super().__init__()
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype={residual_dtype!r}: expected one of {', '.join(RESIDUAL_DTYPES)}")
@@ -201,7 +89,7 @@ class VAR(nn.Module):
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList([
             AdaLNSelfAttn(C, C, num_heads, mlp_ratio, dpr[i], norm_eps, shared_aln, cos_attn, attn_impl, ffn_impl,
-                          adaln_impl)
+                          adaln_impl, defer_residual)
             for i in range(depth)
         ])
         self.drop_path_rate = drop_path_rate
@@ -272,6 +160,17 @@ class VAR(nn.Module):
             return x.to(torch.get_autocast_dtype(dev))
         return x
 
+    def _run_blocks(self, x: torch.Tensor, cond, mask, run_block: Callable | None = None) -> torch.Tensor:
+        """The stream through every block. With ``defer_residual`` each block hands its second residual add
+        on to the next (AdaLNSelfAttn.forward); the last one's is added here."""
+        branch = None
+        for b in self.blocks:
+            args = (x, cond, mask) + ((branch,) if branch is not None else ())
+            x = b(*args) if run_block is None else run_block(b, *args)
+            if b.defer_residual:
+                x, branch = x
+        return complete(x, branch)
+
     def _lvl_pos(self, begin: int, end: int) -> torch.Tensor:
         """(1, end-begin, C) level + absolute position embedding of tokens begin..end."""
         return self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
@@ -314,9 +213,7 @@ class VAR(nn.Module):
 
         mask = attention_mask(self.blocks[0].attn.attn_impl, self.patch_nums, self.attn_bias_for_masking, ed)
         cond = self.shared_ada_lin(cond_BD)
-        x = self._residual(x)
-        for b in self.blocks:
-            x = b(x, cond, mask)
+        x = self._run_blocks(self._residual(x), cond, mask)
         if ed == self.first_l:
             # word_embed is unused at the first scale; a zero-valued touch keeps DDP's gradient sync whole.
             x = x + 0 * (self.word_embed.weight[0, 0] + self.word_embed.bias[0])
@@ -342,8 +239,8 @@ class VAR(nn.Module):
 
         cond_BD: ``class_emb(label)`` (B, C), the caller doubles the batch for CFG. x_BlCv: the input of
         scale si (B, pn_si^2, Cvae), ignored for si == 0 (the start token). Scales must come in order
-        0, 1, ... with the KV cache enabled. run_block(block, x, cond, mask), if given, runs each block in
-        place of ``block(x, cond, mask)`` (graphed sampling passes a compiled one).
+        0, 1, ... with the KV cache enabled. run_block(block, x, cond, mask[, branch]), if given, runs each
+        block in place of ``block(x, cond, mask[, branch])`` (graphed sampling passes a compiled one).
         """
         bg, ed = self.begin_ends[si]
         cached = self.blocks[0].attn.cached_len
@@ -359,9 +256,7 @@ class VAR(nn.Module):
                 x = self.word_embed(x_BlCv.to(self.word_embed.weight.dtype))
             x = x + self._lvl_pos(bg, ed)
         cond = self.shared_ada_lin(cond_BD)
-        x = self._residual(x)
-        for b in self.blocks:  # cached keys are all earlier scales: no mask needed
-            x = b(x, cond, None) if run_block is None else run_block(b, x, cond, None)
+        x = self._run_blocks(self._residual(x), cond, None, run_block)  # cached keys: all earlier, no mask
         return self.head_logits(x, cond_BD)
 
 

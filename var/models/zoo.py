@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from var.checkpoints import load_weights
-from var.models.transformer import OFFICIAL_PATCH_NUMS, VAR, DropPath
+from var.models.block import DropPath
+from var.models.transformer import OFFICIAL_PATCH_NUMS, VAR
 
 PATCH_NUMS_256 = OFFICIAL_PATCH_NUMS  # 680 tokens per image
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens per image
@@ -83,6 +84,7 @@ class VARConfig:
     residual_dtype: str = "param"  # "autocast": the residual stream in bf16 under autocast, as the official
     ffn_impl: str = "plain"  # "fused": GELU and its derivative in the feed-forward GEMMs' epilogues (CUDA bf16)
     adaln_impl: str = "plain"  # "fused": residual add, LayerNorm and modulation as Triton kernels (CUDA)
+    defer_residual: bool = False  # each block's second residual add done by the next block (fuses with its LN)
 
     @property
     def width(self) -> int:
@@ -139,6 +141,7 @@ def build_var(cfg: VARConfig) -> VAR:
         cond_drop_rate=cfg.cond_drop_rate, attn_impl=cfg.attn_impl, init_adaln=cfg.init_adaln,
         init_adaln_gamma=cfg.adaln_gamma, init_head=cfg.init_head, init_std=cfg.init_std,
         residual_dtype=cfg.residual_dtype, ffn_impl=cfg.ffn_impl, adaln_impl=cfg.adaln_impl,
+        defer_residual=cfg.defer_residual,
     )
 
 

@@ -41,8 +41,8 @@ _COMPILED_BLOCKS: dict = {}
 GELU_EPILOGUE = True
 
 
-def _block_forward(block, x, cond, mask):
-    return block._forward(x, cond, mask)
+def _block_forward(block, x, cond, mask, branch=None):
+    return block._forward(x, cond, mask, branch)
 
 
 def compiled_block_forward(backend: str = "inductor"):
