@@ -146,7 +146,8 @@ def measure_fused_kernels(depth: int, batch: int, iters: int, candidates: dict) 
             rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         records.append({"bench": "attention_kernel", "kernel": kernel, "depth": depth, "batch": batch,
                         "setting": setting, "save_qk": save_qk, "normalise_first": fa.NORMALISE_FIRST,
-                        "tiles": list(fa.TILES[kernel]) if kernel in fa.TILES else None, **rec, **environment()})
+                        "tiles": list({**fa.TILES, "normalise": fa.NORMALISE_TILE}.get(kernel, ())) or None, **rec,
+                        **environment()})
         emit(records[-1])
 
     library = (fa.SAVE_QK, fa.NORMALISE_FIRST)

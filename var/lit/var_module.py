@@ -29,6 +29,9 @@ from var.models.zoo import VARConfig, build_var
 # before logging, so these two Lightning warnings do not apply.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
+# Linear layers return views of their 2-D matmul, so the sharded blocks (with defer_residual) and the model
+# hand views on; FSDP2 warns that an in-place op on one would skip its hook, and nothing here writes in place.
+warnings.filterwarnings("ignore", message=".*FSDP2-wrapped module .* returned a view tensor.*")
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
