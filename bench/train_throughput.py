@@ -97,12 +97,10 @@ VARIANTS = {
 }
 
 
-def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap=None, data_seed: int = 0):
-    """(config, step): one training step as ``step()`` -> detached loss. ``wrap(module)``, if given, wraps
-    ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built;
-    ``data_seed`` draws the random tokens (one per rank there)."""
+def setup_module(depth: int, variant: str, ac: int = 0, device="cuda"):
+    """(config, VARTrainingModule) of the variant, with random weights and the official tokenizer's
+    architecture, on ``device``; ``configure_model`` (compiling, checkpointing) not yet called."""
     v = VARIANTS[variant]
-    device = torch.device(device)
     cfg = var_config(depth, v.attn_impl, v.residual_dtype, v.ffn_impl, v.adaln_impl, v.defer_residual)
     quantizer = official_vqvae(device).quantize
     module = VARTrainingModule(dataclasses.asdict(cfg), quantizer, optim={}, schedule={}, loss={},
@@ -110,6 +108,15 @@ def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap
                                speed={"compile": v.compile, "fused_head_ce": v.fused_head_ce,
                                       "compile_head_ce": v.compile_head_ce,
                                       "compile_mode": v.compile_mode}).to(device)
+    return cfg, module
+
+
+def setup(depth: int, batch: int, variant: str, ac: int = 0, device="cuda", wrap=None, data_seed: int = 0):
+    """(config, step): one training step as ``step()`` -> detached loss. ``wrap(module)``, if given, wraps
+    ``module.var`` for data parallelism (bench/train_distributed.py) before the optimizer is built;
+    ``data_seed`` draws the random tokens (one per rank there)."""
+    device = torch.device(device)
+    cfg, module = setup_module(depth, variant, ac, device)
     module.configure_model()
     if wrap is not None:
         wrap(module)

@@ -1,6 +1,6 @@
-"""The multi-GPU benchmarks run end to end on the CPU (gloo, 2 processes), so that a GPU session does not
-spend its time on a broken script. Their numbers here mean nothing; the records' shape and the runs'
-outcome do."""
+"""The multi-GPU benchmarks (gloo, 2 processes) and the Lightning-loop one run end to end on the CPU, so that a
+GPU session does not spend its time on a broken script. Their numbers here mean nothing; the records' shape and
+the runs' outcome do."""
 
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ def test_fsdp_resume_preempts_and_resumes_on_another_world_size(small_token_cach
     assert record["status_after_sigterm"] == "preempted" and record["checkpoint_shards"] == 2
     assert record["status"] == "complete" and record["preemptions"] == 1 and record["final_step"] == 40
     assert record["leg2_exit"] == 0 and record["L_mean"][-1][0] == 40
+
+
+def test_train_loop_times_the_lightning_loop_in_each_case():
+    res = subprocess.run([sys.executable, "-m", "bench.train_loop", "--device", "cpu", "--depth", "2", "--batch", "2",
+                          "--steps", "2", "--warmup", "1", "--variant", "plain"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = _json_lines(res.stdout)
+    assert [r.get("case") for r in lines] == ["bare", "task", "before"], lines
+    assert all(r["steps_timed"] == 2 and r["step_ms"] > 0 for r in lines)

@@ -80,3 +80,50 @@ def test_preemption_signal_checkpoints_exits_cleanly_and_resumes(small_token_cac
     record = json.loads(record_path.read_text())
     assert record["status"] == "complete" and record["resumes"] == 1 and record["preemptions"] == 1
     assert record["final"]["step"] == stopped_at + 5
+
+
+@pytest.mark.parametrize("poison", [None, "inf_grad", "nan_grad", "nan_loss"])
+def test_non_finite_guard_finds_one_bad_value_among_all_gradients(poison):
+    """The guard's one device-side check per step (the norms of all gradients, and the loss): a single inf or
+    nan anywhere stops the run; finite values, however large, do not."""
+    from types import SimpleNamespace
+
+    from var.callbacks.fault_guard import NonFiniteGuard
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 1000, 7)]
+    for p in params:
+        p.grad = torch.full_like(p, 1e30)  # large, finite
+    loss = torch.tensor(2.5)
+    if poison == "inf_grad":
+        params[1].grad[517] = float("inf")
+    elif poison == "nan_grad":
+        params[2].grad[6] = float("nan")
+    elif poison == "nan_loss":
+        loss = torch.tensor(float("nan"))
+    trainer = SimpleNamespace(global_step=9, checkpoint_callback=None,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
+    module = SimpleNamespace(device=torch.device("cpu"), last_loss=loss)
+    optimizer = SimpleNamespace(param_groups=[{"params": params[:2]}, {"params": params[2:]}])
+    if poison is None:
+        NonFiniteGuard().on_before_optimizer_step(trainer, module, optimizer)
+        return
+    with pytest.raises(TrainingDiverged, match="at step 9") as e:
+        NonFiniteGuard().on_before_optimizer_step(trainer, module, optimizer)
+    assert ("training loss nan" in str(e.value)) == (poison == "nan_loss")
+
+
+def test_progress_bar_refreshes_every_ten_steps_and_goes_with_the_bar():
+    """A refresh reads the logged loss back from the GPU: the default callbacks refresh every 10 steps, and
+    drop the bar where the trainer has none (Lightning refuses a bar callback then)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from omegaconf import OmegaConf
+
+    from var.callbacks import configured_callbacks
+
+    cfg = OmegaConf.load(REPO / "conf" / "callbacks" / "default.yaml")
+    cfg = OmegaConf.create({"callbacks": cfg, "trainer": {"enable_progress_bar": True},
+                            "paths": {"output_dir": "/tmp/unused"}})
+    bars = [c for c in configured_callbacks(cfg, loggers=[]) if isinstance(c, TQDMProgressBar)]
+    assert [b.refresh_rate for b in bars] == [10]
+    cfg.trainer.enable_progress_bar = False
+    assert not [c for c in configured_callbacks(cfg, loggers=[]) if isinstance(c, TQDMProgressBar)]

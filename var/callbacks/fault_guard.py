@@ -1,8 +1,9 @@
 """Stopping well when things go wrong: non-finite values and preemption signals.
 
-NonFiniteGuard: the first non-finite gradient stops the run *before* the optimizer applies it, with one
-line naming the step and the last good checkpoint (which is kept). The loss itself is checked in the
-training step, before backward.
+NonFiniteGuard: the first non-finite loss or gradient stops the run *before* the optimizer applies it, with
+one line naming the step and the last good checkpoint (which is kept). Both are checked on the device and read
+back once per step: a read-back per parameter (~200 per d16 step), or one of the loss between forward and
+backward, waits for the GPU each time and leaves it idle while the next work is queued.
 
 PreemptionHandler: SIGTERM (what schedulers send before killing a job) and SIGUSR1 (SLURM's warning
 signal with --signal) set a flag; at the end of the current step every rank agrees to stop, an atomic
@@ -29,20 +30,19 @@ def last_good_checkpoint(trainer) -> str:
 
 class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad = False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                local = g._local_tensor if hasattr(g, "_local_tensor") else g  # FSDP2 DTensor shards
-                if not torch.isfinite(local).all():
-                    bad = True
-                    break
-            if bad:
-                break
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            raise TrainingDiverged(f"non-finite gradient at step {trainer.global_step}; "
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads]  # FSDP2 DTensor shards
+        loss = getattr(pl_module, "last_loss", None)  # the training step's, kept on the device
+        flags = [torch.zeros((), dtype=torch.bool, device=pl_module.device)] * 2
+        if loss is not None:
+            flags[0] = ~torch.isfinite(loss.to(pl_module.device)).all()
+        if grads:  # the largest |g| of all: inf or nan if any is (max-norms propagate nan; 2-norms could overflow)
+            largest = torch._foreach_norm(grads, float("inf"))
+            flags[1] = ~torch.isfinite(torch.stack([n.to(pl_module.device) for n in largest]).amax())
+        bad_loss, bad_grad = torch.stack(flags).tolist()  # the one read-back of the step
+        if trainer.strategy.reduce_boolean_decision(bad_loss or bad_grad, all=False):  # any rank
+            what = f"training loss {loss.item()}" if bad_loss else "gradient"
+            raise TrainingDiverged(f"non-finite {what} at step {trainer.global_step}; "
                                    f"last good checkpoint: {last_good_checkpoint(trainer)}")
 
 

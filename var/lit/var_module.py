@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from var.errors import TrainingDiverged
 from var.eval.test_loss import evaluate_token_loss, split_scales
 from var.lit.schedules import lr_factor, progressive_scale, warmup_steps_of
 from var.lit.token_metrics import TokenMetricSums
@@ -123,11 +122,9 @@ class VARTrainingModule(L.LightningModule):
         tokens, labels = batch
         prog_si = self.prog_si()
         loss = self.training_loss(tokens, labels, prog_si)
-        if not torch.isfinite(loss):  # checked before backward: the bad step never reaches the weights
-            from var.callbacks.fault_guard import last_good_checkpoint
-
-            raise TrainingDiverged(f"non-finite training loss {loss.item()} at step {self.global_step}; "
-                                   f"last good checkpoint: {last_good_checkpoint(self.trainer)}")
+        # Checked with the gradients before the optimizer step (var/callbacks/fault_guard.NonFiniteGuard, which
+        # task=train installs), so the bad step never reaches the weights and the GPU is not waited on here.
+        self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         if prog_si is not None:
             self.log("train/prog_si", float(prog_si))

@@ -110,11 +110,17 @@ class _Plan:
         if not algos:
             raise RuntimeError(f"cuBLASLt found no algorithm for epilogue {self.epilogue}")
         timings = [self._time(ptrs, algo, stream) for algo in algos] if len(algos) > 1 else [0.0]
+        if min(timings) == float("inf"):
+            raise RuntimeError(f"cuBLASLt could run none of the heuristic's algorithms for epilogue {self.epilogue}")
         self.algo = algos[min(range(len(algos)), key=timings.__getitem__)]
 
     def _time(self, ptrs: dict, algo, stream: int, reps: int = 5) -> float:
+        """ms per launch; inf for an algorithm cuBLASLt refuses to launch (nothing runs then)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._launch(ptrs, algo, stream)
+        try:
+            self._launch(ptrs, algo, stream)
+        except RuntimeError:
+            return float("inf")
         start.record()
         for _ in range(reps):
             self._launch(ptrs, algo, stream)

@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from var.callbacks import configured_callbacks
 from var.callbacks.fault_guard import NonFiniteGuard, PreemptionHandler
 from var.callbacks.scaling_record import ScalingRecordCallback
 from var.callbacks.throughput import ThroughputCallback
@@ -201,8 +201,7 @@ def train(cfg: DictConfig, run_dir: Path, branch: dict | None = None) -> dict:
     if branch:
         static.update(run_name=branch["name"], branch=branch)
     loggers = build_loggers(cfg, run_dir)
-    callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
-                 if c is not None and (loggers or name != "lr_monitor")]  # the LR monitor refuses a trainer without loggers
+    callbacks = configured_callbacks(cfg, loggers)
     callbacks += [
         ScalingRecordCallback(str(run_dir), static, fpi, info["tokens_per_image"], task.batch_size,
                               task.record.num_eval_points, task.record.first_eval_fraction, task.schedule.kind,

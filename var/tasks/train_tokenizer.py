@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from var.callbacks import configured_callbacks
 from var.checkpoints import CheckpointError, safe_load
 from var.config import world_size
 from var.config_checks import validate_train_tokenizer
@@ -76,8 +77,7 @@ def build_trainer(cfg: DictConfig, max_steps: int, val_every: int) -> L.Trainer:
     else:
         strategy = "auto"
     loggers = build_loggers(cfg, cfg.paths.output_dir)
-    callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
-                 if loggers or name != "lr_monitor"]  # the LR monitor refuses a trainer without loggers
+    callbacks = configured_callbacks(cfg, loggers)
     callbacks += logger_callbacks(loggers)
     t.update(max_steps=max_steps, val_check_interval=min(val_every, max_steps), check_val_every_n_epoch=None)
     from var.lit.checkpoint_io import AtomicCheckpointIO  # checkpoints written beside the target, renamed
