@@ -229,10 +229,11 @@ class TokenDataModule(L.LightningDataModule):
             self._check_position(self._resume_position)
             self._sampler.resume(self._resume_position["epoch"], self._resume_position["batches"])
         # Whole batches only, so every step has the same size and FLOP and token accounting stay exact. The
-        # loader's own generator keeps its per-iterator seed draw off the global RNG that training uses.
+        # loader's own generator keeps its per-iterator seed draw off the global RNG that training uses. Pinned
+        # batches copy to the GPU without the host waiting for the work already queued there.
         return DataLoader(ds, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed))
+                          generator=torch.Generator().manual_seed(self.seed), pin_memory=torch.cuda.is_available())
 
     # The position in the training order travels in the checkpoint (Lightning saves a datamodule's state).
     def state_dict(self) -> dict:
