@@ -85,19 +85,20 @@ def test_preemption_signal_checkpoints_exits_cleanly_and_resumes(small_token_cac
 @pytest.mark.parametrize("poison", [None, "inf_grad", "nan_grad", "nan_loss"])
 def test_non_finite_guard_finds_one_bad_value_among_all_gradients(poison):
     """The guard's one device-side check per step (the norms of all gradients, and the loss): a single inf or
-    nan anywhere stops the run; finite values, however large, do not."""
+    nan anywhere stops the run; finite values, however large, do not; an empty gradient (a rank's FSDP2 shard
+    of a small tensor) is no error."""
     from types import SimpleNamespace
 
     from var.callbacks.fault_guard import NonFiniteGuard
 
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 1000, 7)]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 1000, 0, 7)]
     for p in params:
         p.grad = torch.full_like(p, 1e30)  # large, finite
     loss = torch.tensor(2.5)
     if poison == "inf_grad":
         params[1].grad[517] = float("inf")
     elif poison == "nan_grad":
-        params[2].grad[6] = float("nan")
+        params[3].grad[6] = float("nan")
     elif poison == "nan_loss":
         loss = torch.tensor(float("nan"))
     trainer = SimpleNamespace(global_step=9, checkpoint_callback=None,

@@ -32,6 +32,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grads = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads]  # FSDP2 DTensor shards
+        grads = [g for g in grads if g.numel()]  # a rank's shard of a small tensor can be empty
         loss = getattr(pl_module, "last_loss", None)  # the training step's, kept on the device
         flags = [torch.zeros((), dtype=torch.bool, device=pl_module.device)] * 2
         if loss is not None:
