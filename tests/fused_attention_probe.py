@@ -75,6 +75,24 @@ def op_case(name: str, dtype, tiles, length: int, temperatures=(4.0, 9.5), head_
     print(json.dumps(line), flush=True)
 
 
+def normalise_first_case(name: str, dtype):
+    """The output and both gradients with q and k normalised first against normalised in the forward's loop:
+    the largest difference (the same rounded q and k go into the same arithmetic)."""
+    fused_attention.TILES = {kernel: (16, 16, 4, 1) for kernel in ("fwd", "dkdv", "dq")}
+    fused_attention.SAVE_QK = True
+    g = torch.Generator().manual_seed(0)
+    qkv, grad = (2 * torch.randn(2, 91, 96, generator=g)).to(dtype), torch.randn(2, 91, 32, generator=g)
+    bounds, results = scale_bounds(PN6, 91, "cpu"), []
+    for first in (False, True):
+        fused_attention.NORMALISE_FIRST = first
+        x, t = qkv.clone().requires_grad_(), torch.tensor([4.0, 9.5], requires_grad=True)
+        out = fused_attention.fused_cos_attention(x, t, bounds, 2)
+        results.append((out, *torch.autograd.grad(out, (x, t), grad.to(out.dtype))))
+    fused_attention.NORMALISE_FIRST = False
+    print(json.dumps({"case": name, "max_diff": max(float((a.float() - b.float()).abs().max())
+                                                    for a, b in zip(*results))}), flush=True)
+
+
 def model_case(name: str, compiled: bool, prog_si: int = -1, normalise_first: bool = False):
     """A float32 tiny VAR, teacher forcing: loss and every gradient, fused against scalewise."""
     fused_attention.NORMALISE_FIRST = normalise_first
@@ -108,6 +126,8 @@ if __name__ == "__main__":
     op_case("fp32_normalised_first", torch.float32, {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}, 91,
             zero_rows=True, normalise_first=True)
     op_case("bf16_normalised_first", torch.bfloat16, 16, 91, temperatures=(9.5, 20.0), normalise_first=True)
+    normalise_first_case("fp32_normalised_first_same", torch.float32)
+    normalise_first_case("bf16_normalised_first_same", torch.bfloat16)
     model_case("model_eager", compiled=False)
     model_case("model_eager_prefix", compiled=False, prog_si=2)
     model_case("model_eager_normalised_first", compiled=False, normalise_first=True)

@@ -27,15 +27,16 @@ def test_fused_kernels_equal_the_plain_path_in_the_interpreter():
     gradients, whole and over a prefix of its scales (progressive training). All of it also with q and k
     normalised by a kernel of their own before the forward (NORMALISE_FIRST)."""
     cases = _probe()
-    assert len(cases) == 10
+    assert len(cases) == 12
     for name in ("fp32_tiles16", "fp32_prefix55", "fp32_mixed_tiles_renormalised", "fp32_one_tile",
                  "fp32_normalised_first"):
         assert max(cases[name]["fused"]) < 1e-5, cases[name]
     for name in ("bf16_tiles16", "bf16_normalised_first"):
         for got, plain in zip(cases[name]["fused"], cases[name]["plain"]):
             assert got < 3 * plain + 2e-3, cases[name]
-    # The same q and k values either way: the same bf16 result to the bit.
+    # The same rounded q and k go into the same arithmetic either way: the same results to the bit.
     assert cases["bf16_normalised_first"]["fused"] == cases["bf16_tiles16"]["fused"]
+    assert cases["fp32_normalised_first_same"]["max_diff"] == cases["bf16_normalised_first_same"]["max_diff"] == 0
     for name in ("model_eager", "model_eager_prefix", "model_eager_normalised_first"):
         c = cases[name]
         assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
