@@ -165,8 +165,7 @@ class VAR(nn.Module):
         on to the next (AdaLNSelfAttn.forward); the last one's is added here."""
         branch = None
         for b in self.blocks:
-            args = (x, cond, mask) + ((branch,) if branch is not None else ())
-            x = b(*args) if run_block is None else run_block(b, *args)
+            x = b(x, cond, mask, branch) if run_block is None else run_block(b, x, cond, mask, branch)
             if b.defer_residual:
                 x, branch = x
         return complete(x, branch)
@@ -239,8 +238,8 @@ class VAR(nn.Module):
 
         cond_BD: ``class_emb(label)`` (B, C), the caller doubles the batch for CFG. x_BlCv: the input of
         scale si (B, pn_si^2, Cvae), ignored for si == 0 (the start token). Scales must come in order
-        0, 1, ... with the KV cache enabled. run_block(block, x, cond, mask[, branch]), if given, runs each
-        block in place of ``block(x, cond, mask[, branch])`` (graphed sampling passes a compiled one).
+        0, 1, ... with the KV cache enabled. run_block(block, x, cond, mask, branch), if given, runs each
+        block in place of ``block(x, cond, mask, branch)`` (graphed sampling passes a compiled one).
         """
         bg, ed = self.begin_ends[si]
         cached = self.blocks[0].attn.cached_len

@@ -41,7 +41,7 @@ _COMPILED_BLOCKS: dict = {}
 GELU_EPILOGUE = True
 
 
-def _block_forward(block, x, cond, mask, branch=None):
+def _block_forward(block, x, cond, mask, branch):
     return block._forward(x, cond, mask, branch)
 
 
