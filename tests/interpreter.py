@@ -19,3 +19,11 @@ def run_probe(module: str, *args: str) -> dict[str, dict]:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {c["case"]: c for c in map(json.loads, proc.stdout.splitlines())}
+
+
+def assert_models_agree(cases: dict[str, dict], *names: str) -> None:
+    """The probe's model cases: the same parameters get gradients, the loss within 1e-5 and every gradient
+    within 1e-4 (relative) of the reference model's."""
+    for name in names:
+        c = cases[name]
+        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c

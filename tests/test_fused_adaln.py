@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.interpreter import run_probe
+from tests.interpreter import assert_models_agree, run_probe
 
 pytest.importorskip("triton")
 
@@ -27,18 +27,13 @@ def test_fused_adaln_kernels_equal_the_plain_block_in_the_interpreter():
         assert max(cases[name]["errors"]) < 1e-6, cases[name]
     for name in ("bf16_residual", "fp32_stream_bf16_out"):
         assert max(cases[name]["errors"]) < 1.6e-2, cases[name]  # two bf16 steps of the largest value
-    for name in ("model", "model_deferred"):
-        c = cases[name]
-        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    assert_models_agree(cases, "model", "model_deferred")
 
 
 @pytest.mark.slow
 def test_compiled_blocks_with_fused_adaln_equal_plain_in_the_interpreter():
     """The kernels as torch.library ops inside torch.compile'd blocks (fake shapes, autograd) on the CPU."""
-    cases = _probe("compiled")
-    for name in ("model_compiled", "model_compiled_deferred"):
-        c = cases[name]
-        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    assert_models_agree(_probe("compiled"), "model_compiled", "model_compiled_deferred")
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

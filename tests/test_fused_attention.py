@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.interpreter import run_probe
+from tests.interpreter import assert_models_agree, run_probe
 from tests.test_transformer_model import inputs, tiny
 from var.models.attention import FusedMask, attention_mask, scale_bounds
 from var.models.vqvae import PRESETS, VQVAE
@@ -37,18 +37,13 @@ def test_fused_kernels_equal_the_plain_path_in_the_interpreter():
     # The same rounded q and k go into the same arithmetic either way: the same results to the bit.
     assert cases["bf16_normalised_first"]["fused"] == cases["bf16_tiles16"]["fused"]
     assert cases["fp32_normalised_first_same"]["max_diff"] == cases["bf16_normalised_first_same"]["max_diff"] == 0
-    for name in ("model_eager", "model_eager_prefix", "model_eager_normalised_first"):
-        c = cases[name]
-        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    assert_models_agree(cases, "model_eager", "model_eager_prefix", "model_eager_normalised_first")
 
 
 @pytest.mark.slow
 def test_compiled_blocks_with_fused_attention_equal_scalewise_in_the_interpreter():
     """The kernels as torch.library ops inside torch.compile'd blocks (fake shapes, autograd) on the CPU."""
-    cases = _probe("compiled")
-    for name in ("model_compiled", "model_compiled_normalised_first"):
-        c = cases[name]
-        assert c["same_params"] and c["loss_diff"] < 1e-5 and c["grad_rel"] < 1e-4, c
+    assert_models_agree(_probe("compiled"), "model_compiled", "model_compiled_normalised_first")
 
 
 def test_scale_bounds_are_each_tokens_scale_end_and_begin():
